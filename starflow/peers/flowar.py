@@ -1,0 +1,396 @@
+"""FlowAR (Ren et al. 2025, arXiv 2412.15205): scale-wise autoregression + a flow-matching head per scale.
+
+The image (or latent) F is average-pooled into a coarse-to-fine pyramid F^1, ..., F^K (sides
+`scales`, the last equal to the full side). Two networks:
+
+1. A block-causal AR transformer over
+
+       [condition tokens ; start tokens (scale 1) ; up(F^1) (scale 2) ; ... ; up(F^{K-1}) (scale K)]
+
+   causal ACROSS scales and bidirectional WITHIN a scale. Its outputs at the positions of scale i are
+   the semantics s^i [B, side_i^2, width]: everything the model knows about scale i given the
+   condition and the coarser scales. At inference a KV cache keeps the prefix, so each new scale
+   costs only its own tokens.
+
+2. A small flow-matching transformer (weights shared across scales, told the scale by an
+   embedding) that generates F^i from noise, conditioned on s^i through Spatial-adaLN: the adaLN
+   shift / scale / gate are computed PER POSITION from s^i (plus the timestep), not from one global
+   vector, so every spatial location gets its own modulation.
+
+Time convention as in rectified_flow.py: z_t = (1 - t) F^i + t eps, t = 0 data, t = 1 noise, target
+eps - F^i. Training is teacher-forced (the AR input is the TRUE coarser scale); sampling feeds back
+its own output: scale 1 from the condition, upsample, feed back, repeat, with a few Euler steps per
+scale. Guidance (same convention as the other peers, w = 0 is plain conditional) is ramped over
+scales: w_i = w (i + 1) / K, weak where the layout is decided, full at the finest scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from starflow.hub import PretrainedMixin
+from starflow.peers.mmdit import (Condition, ConditionEncoder, FeedForward, FinalLayer, TimestepEmbedder,
+                                  init_adaln_zero, modulate, sincos_pos_embed)
+from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
+                                           repeat_condition, velocity_target)
+
+# --------------------------------------------------------------------------------------------
+# Attention with an optional KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class LayerKV:
+    """Keys and values of every position one attention layer has processed so far."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        # Scales arrive in a handful of chunks, so concatenation (not a preallocated buffer) is cheap.
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKV | None = None):
+        """mask: bool [B, 1, Lq, Lk] (True = may attend), Lk = cached + new positions."""
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class ARBlock(nn.Module):
+    """Pre-norm transformer block (nanoGPT shape)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, mlp_ratio)
+
+    def forward(self, x, mask, cache=None):
+        x = x + self.attn(self.norm1(x), mask, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def block_causal_mask(block_sizes: Sequence[int], device=None) -> torch.Tensor:
+    """[L, L] bool, True where query q may attend to key k: block(k) <= block(q). Causal across
+    blocks, bidirectional inside a block."""
+    ids = torch.repeat_interleave(torch.arange(len(block_sizes), device=device),
+                                  torch.tensor(list(block_sizes), device=device))
+    return ids[None, :] <= ids[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Flow-matching head with Spatial-adaLN
+# --------------------------------------------------------------------------------------------
+
+
+class SpatialAdaLNBlock(nn.Module):
+    """DiT block whose adaLN-Zero parameters vary over positions: `cond` is [B, L, D], one
+    conditioning vector per token (semantics of that location + timestep)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(width, mlp_ratio)
+        self.modulation = nn.Linear(width, 6 * width)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(cond)).chunk(6, dim=-1)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FlowHead(nn.Module):
+    """v(z_t, t | s^i, scale i) for one scale's map [B, C, side, side]; weights shared by all scales."""
+
+    def __init__(self, in_channels: int, sem_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
+                 scales: Sequence[int], image_size: int):
+        super().__init__()
+        self.scales = tuple(scales)
+        self.in_proj = nn.Linear(in_channels, width)
+        self.sem_proj = nn.Linear(sem_width, width)
+        self.scale_embed = nn.Embedding(len(scales), width)
+        self.time_embed = TimestepEmbedder(width)
+        for i, s in enumerate(scales):
+            self.register_buffer(f"pos_{i}", sincos_pos_embed(s, width, extent=image_size), persistent=False)
+        self.blocks = nn.ModuleList([SpatialAdaLNBlock(width, heads, mlp_ratio) for _ in range(depth)])
+        self.final = FinalLayer(width, in_channels)
+        init_adaln_zero(self)
+        nn.init.normal_(self.scale_embed.weight, std=0.02)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, sem: torch.Tensor, scale: int) -> torch.Tensor:
+        side = z.shape[-1]
+        level = self.scale_embed.weight[scale]
+        h = self.in_proj(rearrange(z, "b c h w -> b (h w) c")) + getattr(self, f"pos_{scale}") + level
+        # Spatial-adaLN conditioning: per-position semantics + the (global) timestep and scale.
+        cond = self.sem_proj(sem) + (self.time_embed(t) + level)[:, None, :]
+        for block in self.blocks:
+            h = block(h, cond)
+        return rearrange(self.final(h, cond), "b (h w) c -> b c h w", h=side, w=side)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowARConfig:
+    in_channels: int = 4
+    image_size: int = 8
+    scales: tuple[int, ...] = (1, 2, 4, 8)  # sides of the pyramid, coarse -> fine, last = image_size
+    num_classes: int = 0
+    cond_dim: int = 0
+    pooled_dim: int = 0
+    cond_drop_prob: float = 0.1
+    num_class_tokens: int = 1
+    width: int = 256  # AR transformer
+    depth: int = 4
+    heads: int = 4
+    head_width: int = 128  # flow-matching head
+    head_depth: int = 2
+    head_heads: int = 4
+    mlp_ratio: float = 4.0
+    scale_loss_weights: tuple[float, ...] | None = None  # None = every scale weighted equally
+    timestep_sampler: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sample_steps: int = 10  # Euler steps per scale
+
+    def __post_init__(self):
+        self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
+        if self.scale_loss_weights is not None:
+            self.scale_loss_weights = tuple(float(w) for w in self.scale_loss_weights)
+        if not self.scales or list(self.scales) != sorted(set(self.scales)) or self.scales[0] < 1:
+            raise ValueError(f"scales must be strictly increasing positive sides, got {self.scales}")
+        if self.scales[-1] != self.image_size:
+            raise ValueError(f"the last scale must equal image_size {self.image_size}, got scales {self.scales}")
+        bad = [s for s in self.scales if self.image_size % s]
+        if bad:
+            raise ValueError(f"every scale must divide image_size {self.image_size} (average pooling); bad: {bad}")
+        if self.scale_loss_weights is not None and (
+                len(self.scale_loss_weights) != len(self.scales) or min(self.scale_loss_weights) < 0
+                or sum(self.scale_loss_weights) <= 0):
+            raise ValueError(f"scale_loss_weights must be {len(self.scales)} non-negative numbers with a positive "
+                             f"sum, got {self.scale_loss_weights}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        for name in ("in_channels", "width", "depth", "heads", "head_width", "head_depth", "head_heads",
+                     "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.heads or self.head_width % self.head_heads:
+            raise ValueError("width must be divisible by heads and head_width by head_heads")
+        if self.width % 4 or self.head_width % 4:
+            raise ValueError("width and head_width must be divisible by 4 (2-D sin-cos positions)")
+        self.timesteps()
+
+    def timesteps(self) -> TimestepSampler:
+        return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale)
+
+
+class FlowAR(nn.Module, PretrainedMixin):
+    config_class = FlowARConfig
+    model_type = "flowar"
+
+    def __init__(self, config: FlowARConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.condition = ConditionEncoder(c.width, c.num_classes, c.cond_dim, c.pooled_dim, c.num_class_tokens)
+        self.start_token = nn.Parameter(torch.randn(c.width) * 0.02)  # AR input of the first scale
+        self.input_proj = nn.Linear(c.in_channels, c.width)  # AR input of later scales: up(F^{i-1})
+        self.scale_embed = nn.Parameter(torch.randn(len(c.scales), c.width) * 0.02)
+        for i, s in enumerate(c.scales):
+            self.register_buffer(f"pos_{i}", sincos_pos_embed(s, c.width, extent=c.image_size), persistent=False)
+        self.blocks = nn.ModuleList([ARBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.norm = nn.LayerNorm(c.width)
+        for m in self.blocks.modules():  # nanoGPT init for the AR trunk
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.head = FlowHead(c.in_channels, c.width, c.head_width, c.head_depth, c.head_heads, c.mlp_ratio,
+                             c.scales, c.image_size)
+        self.timestep_sampler = config.timesteps()
+        w = c.scale_loss_weights or (1.0,) * len(c.scales)
+        self.register_buffer("loss_weights", torch.tensor(w) / sum(w), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- scales ----------------------------------------------------------------------------
+
+    def pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Average-pool x to every scale: [B, C, s, s] for s in scales (the last is x itself)."""
+        return [F.avg_pool2d(x, self.config.image_size // s) if s != self.config.image_size else x
+                for s in self.config.scales]
+
+    def upsample(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        # Nearest: average-pooling the result gives x back exactly, so the AR input carries the
+        # coarse scale's information unchanged.
+        return F.interpolate(x, size=(self.config.scales[scale],) * 2, mode="nearest")
+
+    # ---- AR transformer --------------------------------------------------------------------
+
+    def prefix(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens for the AR sequence: [pooled vector ; condition tokens] and their key
+        mask. The pooled token is always real, so no query ever sees an all-masked row."""
+        tokens = torch.cat([cond.pooled[:, None, :].to(cond.tokens.dtype), cond.tokens], dim=1)
+        mask = torch.cat([torch.ones_like(cond.mask[:, :1]), cond.mask], dim=1)
+        return tokens, mask
+
+    def embed_scale(self, i: int, prev_up: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """AR input tokens of scale i: the start token (i = 0) or the upsampled scale i-1."""
+        pos = getattr(self, f"pos_{i}") + self.scale_embed[i]
+        if i == 0:
+            return self.start_token + pos.expand(batch, -1, -1)
+        return self.input_proj(rearrange(prev_up, "b c h w -> b (h w) c")) + pos
+
+    def attention_mask(self, prefix_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L, L] bool for the whole AR sequence: block-causal over [prefix; scale 1; ...; scale K],
+        and no query reads a padded condition token."""
+        sizes = [prefix_mask.shape[1]] + [s * s for s in self.config.scales]
+        causal = block_causal_mask(sizes, prefix_mask.device)
+        keys = torch.cat([prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], sum(sizes[1:]))], dim=1)
+        return causal[None, None] & keys[:, None, None, :]
+
+    def run_ar(self, tokens: torch.Tensor, mask: torch.Tensor, cache: list[LayerKV] | None = None) -> torch.Tensor:
+        for j, block in enumerate(self.blocks):
+            tokens = block(tokens, mask, None if cache is None else cache[j])
+        return self.norm(tokens)
+
+    def semantics(self, cond: Condition, prev_ups: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """One full (uncached) pass. prev_ups[i] = up(F^{i-1}) for i >= 1 (prev_ups[0] is ignored).
+        Returns s^i [B, side_i^2, width] for every scale."""
+        prefix, prefix_mask = self.prefix(cond)
+        b = prefix.shape[0]
+        seq = [prefix] + [self.embed_scale(i, prev_ups[i], b) for i in range(len(self.config.scales))]
+        h = self.run_ar(torch.cat(seq, dim=1), self.attention_mask(prefix_mask))
+        return list(h[:, prefix.shape[1]:].split([s * s for s in self.config.scales], dim=1))
+
+    def semantics_step(self, i: int, cond_prefix, prev_up: torch.Tensor | None, cache: list[LayerKV]) -> torch.Tensor:
+        """Cached pass for scale i only (scale 0 also pushes the prefix). Returns s^i."""
+        prefix, prefix_mask = cond_prefix
+        b = prefix.shape[0]
+        chunk = self.embed_scale(i, prev_up, b)
+        if i == 0:
+            chunk = torch.cat([prefix, chunk], dim=1)
+        start = cache[0].length
+        end = start + chunk.shape[1]
+        mask = self.attention_mask(prefix_mask)[:, :, start:end, :end]
+        side = self.config.scales[i]
+        return self.run_ar(chunk, mask, cache)[:, -side * side:]
+
+    def semantics_cached(self, cond: Condition, prev_ups: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Same as `semantics`, scale by scale through the KV cache (what sampling does)."""
+        cache = [LayerKV() for _ in self.blocks]
+        cond_prefix = self.prefix(cond)
+        return [self.semantics_step(i, cond_prefix, prev_ups[i], cache) for i in range(len(self.config.scales))]
+
+    # ---- training --------------------------------------------------------------------------
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *,
+             generator: torch.Generator | None = None, return_per_scale: bool = False):
+        """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. In training mode the
+        condition is dropped with prob cond_drop_prob."""
+        c = self.config
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
+        b = x.shape[0]
+        drop = None
+        if self.training and c.cond_drop_prob > 0 and self.condition.conditional:
+            gen_device = generator.device if generator is not None else x.device
+            drop = (torch.rand(b, generator=generator, device=gen_device) < c.cond_drop_prob).to(x.device)
+        cond = self.condition(b, y, text, drop, device=x.device)
+        pyr = self.pyramid(x)
+        sems = self.semantics(cond, [None] + [self.upsample(pyr[i - 1], i) for i in range(1, len(pyr))])
+        per_scale = []
+        for i, (target, sem) in enumerate(zip(pyr, sems)):
+            t = self.timestep_sampler(b, generator=generator, device=x.device)
+            noise = randn(target.shape, generator, x.device)
+            pred = self.head(interpolate(target, noise, t), t, sem, i)
+            per_scale.append(F.mse_loss(pred.float(), velocity_target(target, noise).float()))
+        per_scale = torch.stack(per_scale)
+        total = (self.loss_weights * per_scale).sum()
+        return (total, per_scale.detach()) if return_per_scale else total
+
+    # ---- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0,
+               steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
+        scale; default config.sample_steps). guidance w is ramped: scale i uses w (i + 1) / K."""
+        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0)
+
+    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool) -> torch.Tensor:
+        c = self.config
+        device = torch.device(device) if device is not None else self.device
+        k = len(c.scales)
+        steps = c.sample_steps if steps is None else steps
+        steps = [int(steps)] * k if isinstance(steps, int) else [int(s) for s in steps]
+        if len(steps) != k:
+            raise ValueError(f"steps must be an int or {k} ints (one per scale), got {len(steps)}")
+        batch_size_of(n, y, text)
+        if cfg_batch and not self.condition.conditional:
+            raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
+        if cfg_batch:  # rows [0, n) conditional, [n, 2n) the learned null; one AR/head pass for both
+            y2, text2 = repeat_condition(y, text)
+            cond = self.condition(2 * n, y2, text2, torch.arange(2 * n, device=device) >= n, device=device)
+        else:
+            cond = self.condition(n, y, text, device=device)
+        cond_prefix = self.prefix(cond)
+        cache = [LayerKV() for _ in self.blocks]
+        x = None
+        for i, side in enumerate(c.scales):
+            prev_up = None
+            if i > 0:
+                prev_up = self.upsample(x, i)
+                prev_up = torch.cat([prev_up, prev_up]) if cfg_batch else prev_up
+            sem = self.semantics_step(i, cond_prefix, prev_up, cache)
+            w = guidance * (i + 1) / k
+
+            def velocity(z, t, sem=sem, i=i, w=w):
+                if not cfg_batch:
+                    return self.head(z, t, sem, i)
+                v_c, v_u = self.head(torch.cat([z, z]), torch.cat([t, t]), sem, i).chunk(2)
+                return guided(v_c, v_u, w)
+
+            noise = randn((n, c.in_channels, side, side), generator, device)
+            x = euler_sample(velocity, noise, steps[i])
+        return x
+
+    def nll(self, *args, **kwargs):
+        raise NotImplementedError(
+            "FlowAR has no exact likelihood (its per-scale flows are ODE-based and the pyramid is not "
+            "invertible); likelihood is reported as n/a for this model"
+        )
