@@ -1,0 +1,127 @@
+"""One autoregressive affine flow step (the TARFlow block), DESIGN.md §2.
+
+Forward (data -> noise), in the block's token order π:
+    z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i)),   log|det dz/dx| = -sum_i sum_d alpha_{i,d}
+A causal transformer produces (alpha_i, mu_i) for token i from the output at the position before it.
+With a condition prefix, token 0 is predicted from the last prefix position; without one, token 0
+passes through unchanged (alpha = mu = 0).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from starflow.flow.condition import Condition, ConditionEmbedding
+from starflow.nn.transformer import KVCache, TransformerLayer, attention_mask
+
+
+class Context:
+    """A block's condition, embedded once per call: a prefix of tokens, or a vector added to every token."""
+
+    def __init__(self, prefix=None, prefix_valid=None, add=None):
+        self.prefix, self.prefix_valid, self.add = prefix, prefix_valid, add
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.shape[1]
+
+    def key_valid(self, num_tokens: int) -> torch.Tensor | None:
+        if self.prefix_valid is None:
+            return None
+        B = self.prefix_valid.shape[0]
+        ones = self.prefix_valid.new_ones(B, num_tokens)
+        return torch.cat([self.prefix_valid, ones], dim=1)
+
+
+class FlowBlock(nn.Module):
+    def __init__(self, token_dim: int, num_tokens: int, width: int, num_layers: int, head_dim: int,
+                 mlp_ratio: float, reverse_order: bool, norm: str = "layernorm", qk_norm: bool = False,
+                 affine: bool = True, num_classes: int = 0, cond_dim: int = 0, cond_mode: str = "prefix"):
+        super().__init__()
+        self.token_dim, self.num_tokens, self.affine = token_dim, num_tokens, affine
+        self.cond_mode = cond_mode
+        self.proj_in = nn.Linear(token_dim, width)
+        self.pos_embed = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
+        self.condition = ConditionEmbedding(width, num_classes, cond_dim) if (num_classes or cond_dim) else None
+        self.layers = nn.ModuleList(TransformerLayer(width, head_dim, mlp_ratio, norm, qk_norm) for _ in range(num_layers))
+        self.proj_out = nn.Linear(width, 2 * token_dim if affine else token_dim)
+        nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity map
+        nn.init.zeros_(self.proj_out.bias)
+        perm = torch.arange(num_tokens).flip(0) if reverse_order else torch.arange(num_tokens)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+
+    @property
+    def conditional(self) -> bool:
+        return self.condition is not None
+
+    # ---- condition -------------------------------------------------------------------------
+    def context(self, cond: Condition | None, batch: int, device) -> Context:
+        if self.condition is None:
+            return Context()
+        tokens, valid = self.condition(cond, batch, device)
+        if self.cond_mode == "add":
+            return Context(add=tokens[:, 0])
+        return Context(prefix=tokens, prefix_valid=valid)
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    def _embed(self, x_perm: torch.Tensor, start: int, ctx: Context) -> torch.Tensor:
+        """Token embeddings for permuted tokens at (permuted) indices start..start+T-1."""
+        T = x_perm.shape[1]
+        h = self.proj_in(x_perm) + self.pos_embed[self.perm[start:start + T]]
+        if ctx.add is not None:
+            h = h + ctx.add[:, None]
+        return h
+
+    def _run(self, h, start_pos: int, ctx: Context, caches: list[KVCache] | None):
+        mask = attention_mask(start_pos, h.shape[1], ctx.key_valid(self.num_tokens), h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, None if caches is None else caches[i], start_pos)
+        out = self.proj_out(h)
+        return out if out.dtype == torch.float64 else out.float()  # flow arithmetic in >= fp32
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw output -> (mu, alpha); the first half is the log-scale, as in the official TARFlow code."""
+        if not self.affine:
+            return out, torch.zeros_like(out)
+        alpha, mu = out.chunk(2, dim=-1)
+        return mu, alpha
+
+    def zero_output(self, batch: int, device) -> torch.Tensor:
+        width = 2 * self.token_dim if self.affine else self.token_dim
+        return torch.zeros(batch, 1, width, device=device)
+
+    # ---- training / likelihood: all positions in parallel ----------------------------------
+    def predict(self, x_perm: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Raw (alpha, mu) outputs for every permuted token of x_perm [B, L, D], teacher-forced."""
+        B = x_perm.shape[0]
+        h = self._embed(x_perm, 0, ctx)
+        P = ctx.prefix_len
+        if P:
+            h = torch.cat([ctx.prefix.to(h.dtype), h], dim=1)
+        out = self._run(h, 0, ctx, None)
+        if P:
+            return out[:, P - 1:P - 1 + x_perm.shape[1]]
+        return torch.cat([self.zero_output(B, x_perm.device), out[:, :-1]], dim=1)
+
+    def forward(self, x: torch.Tensor, cond: Condition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, D] in canonical token order -> (z [B, L, D] canonical order, logdet [B])."""
+        x_perm = x[:, self.perm]
+        mu, alpha = self.split(self.predict(x_perm, self.context(cond, x.shape[0], x.device)))
+        z = (x_perm - mu) * torch.exp(-alpha)
+        return z[:, self.inv_perm], -alpha.sum(dim=(1, 2))
+
+    # ---- sampling: incremental decoding with a key/value cache -----------------------------
+    def new_caches(self, ctx: Context) -> list[KVCache]:
+        return [KVCache(ctx.prefix_len + self.num_tokens) for _ in self.layers]
+
+    def prefill(self, ctx: Context, caches: list[KVCache], batch: int, device) -> torch.Tensor:
+        """Consume the prefix; return the raw output predicting token 0, [B, 1, out]."""
+        if not ctx.prefix_len:
+            return self.zero_output(batch, device)
+        return self._run(ctx.prefix, 0, ctx, caches)[:, -1:]
+
+    def extend(self, x_perm_chunk: torch.Tensor, start: int, ctx: Context, caches: list[KVCache]) -> torch.Tensor:
+        """Feed permuted tokens start..start+T-1; return raw outputs predicting tokens start+1..start+T."""
+        h = self._embed(x_perm_chunk, start, ctx)
+        return self._run(h, ctx.prefix_len + start, ctx, caches)

@@ -1,0 +1,181 @@
+"""The flow stack: T autoregressive flow blocks and a standard normal prior (DESIGN.md §2-3).
+
+Blocks run 0..T-1 from data to noise; block T-1 sits next to the prior and is sampled first. In a
+deep-shallow (STARFlow) stack it is the deep block and the only one that reads the condition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from starflow.config import FlowConfig
+from starflow.flow.block import FlowBlock
+from starflow.flow.condition import Condition
+from starflow.guidance import check_guidance
+from starflow.hub import PretrainedMixin
+from starflow.sampling import SamplerOptions, invert_block
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class STARFlow(nn.Module, PretrainedMixin):
+    config_class = FlowConfig
+    model_type = "starflow"
+
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        layers = c.block_layers()
+        blocks = []
+        for i in range(c.num_blocks):
+            conditional = c.conditional and (c.cond_blocks == "all" or i == c.num_blocks - 1)
+            blocks.append(FlowBlock(
+                c.token_dim, c.num_tokens, c.width, layers[i], c.head_dim, c.mlp_ratio,
+                reverse_order=bool(i % 2), norm=c.norm, qk_norm=c.qk_norm, affine=c.affine,
+                num_classes=c.num_classes if conditional else 0, cond_dim=c.cond_dim if conditional else 0,
+                cond_mode=c.cond_mode))
+        self.blocks = nn.ModuleList(blocks)
+        # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
+        # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
+        self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
+
+    # ---- shapes ----------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    @property
+    def dims(self) -> int:
+        return math.prod(self.image_shape)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch_size
+        return rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+
+    def unpatchify(self, t: torch.Tensor) -> torch.Tensor:
+        p, side = self.config.patch_size, self.config.image_size // self.config.patch_size
+        return rearrange(t, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=side, w=side, p1=p, p2=p)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected images of shape [B, {', '.join(map(str, self.image_shape))}], "
+                             f"got {list(x.shape)}")
+
+    # ---- conditions ------------------------------------------------------------------------
+    def make_condition(self, batch: int, y=None, text=None, device=None) -> Condition | None:
+        """Validate user-facing labels / text states and wrap them. None -> unconditional (null)."""
+        c = self.config
+        if not c.conditional:
+            if y is not None or text is not None:
+                raise ValueError("this model is unconditional; do not pass class labels or text")
+            return None
+        if y is not None and not c.num_classes:
+            raise ValueError("this model is text-conditional; pass text, not class labels")
+        if text is not None and not c.cond_dim:
+            raise ValueError("this model is class-conditional; pass class labels, not text")
+        if y is not None:
+            y = torch.as_tensor(y, device=device).long().reshape(-1)
+            if y.numel() == 1 and batch > 1:
+                y = y.expand(batch)
+            if y.shape[0] != batch:
+                raise ValueError(f"got {y.shape[0]} class labels for a batch of {batch}")
+            bad = (y < 0) | (y >= c.num_classes)
+            if bad.any():
+                raise ValueError(f"class index {int(y[bad][0])} out of range [0, {c.num_classes})")
+            return Condition(labels=y)
+        if text is not None:
+            states, mask = text if isinstance(text, tuple) else (text, None)
+            if states.ndim != 3 or states.shape[-1] != c.cond_dim or states.shape[0] != batch:
+                raise ValueError(f"text states must be [{batch}, L, {c.cond_dim}], got {list(states.shape)}")
+            return Condition(text=states.to(device), text_mask=None if mask is None else mask.to(device).bool())
+        return Condition(drop=torch.ones(batch, dtype=torch.bool, device=device))
+
+    # ---- data -> noise -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None):
+        """Images x [B, C, H, W] -> (noise z of the same shape, log|det dz/dx| per example [B])."""
+        self.check_input(x)
+        if cond is None:
+            cond = self.make_condition(x.shape[0], y, text, x.device)
+        h = self.patchify(_at_least_fp32(x))
+        logdet = torch.zeros(x.shape[0], device=x.device)
+        for block in self.blocks:
+            h, ld = block(h, cond if block.conditional else None)
+            logdet = logdet + ld
+        return self.unpatchify(h), logdet
+
+    def log_prob(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
+        """Exact log-density log p(x) in nats, per example."""
+        z, logdet = self.forward(x, y, text, cond)
+        return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * self.dims * LOG_2PI + logdet
+
+    def nll(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+        """Negative log-likelihood in nats per dimension, per example."""
+        return -self.log_prob(x, y, text) / self.dims
+
+    def loss(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+        """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob."""
+        cond = self.make_condition(x.shape[0], y, text, x.device)
+        if cond is not None and self.training and self.config.cond_drop_prob > 0:
+            keep = cond.drop_mask()
+            drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            cond = Condition(cond.labels, cond.text, cond.text_mask, keep | drop)
+        return (-self.log_prob(x, cond=cond) / self.dims).mean()
+
+    # ---- noise -> data -----------------------------------------------------------------------
+    @torch.no_grad()
+    def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
+                sampler: str = "sequential", **sampler_kwargs) -> torch.Tensor:
+        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional block is guided."""
+        self.check_input(z)
+        check_guidance(guidance, guidance_rule)
+        opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
+        B = z.shape[0]
+        cond = self.make_condition(B, y, text, z.device)
+        guided = guidance > 0 and cond is not None
+        if guided:
+            cond = cond.cat(cond.null())
+        h = self.patchify(_at_least_fp32(z))
+        for block in reversed(self.blocks):
+            use = cond if block.conditional else None
+            rows = 2 * B if (guided and block.conditional) else B
+            ctx = block.context(use, rows, z.device)
+            h = invert_block(block, h, ctx, guided and block.conditional, opts)
+        return self.unpatchify(h)
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,
+               device=None, **inverse_kwargs) -> torch.Tensor:
+        """Draw n samples (model space, e.g. [-1, 1] pixels). Extra arguments go to ``inverse``."""
+        if n < 1:
+            raise ValueError(f"number of samples must be >= 1, got {n}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        device = device or self.prior_var.device
+        z = torch.randn((n, self.config.num_tokens, self.config.token_dim), generator=generator, device=device)
+        z = z * temperature * self.prior_var.sqrt()
+        return self.inverse(self.unpatchify(z), y, text, **inverse_kwargs)
+
+    # ---- pixel likelihood ----------------------------------------------------------------------
+    def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bits/dim of 8-bit images [B, C, H, W] (uint8) under uniform dequantisation, per example.
+
+        u = (pixel + U[0,1)) / 256, y = 2u - 1; bpd = NLL_y / (D ln 2) + 7 (DESIGN.md §2).
+        """
+        if images.dtype != torch.uint8:
+            raise ValueError(f"bits_per_dim takes uint8 images, got {images.dtype}")
+        device = self.prior_var.device
+        noise = torch.rand(images.shape, generator=generator, device=images.device if generator is None else generator.device)
+        x = (images.float() + noise.to(images.device)) / 256.0 * 2 - 1
+        return self.nll(x.to(device), y) / math.log(2) + 7.0

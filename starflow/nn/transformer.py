@@ -1,0 +1,95 @@
+"""A pre-norm causal transformer with an optional preallocated key/value cache.
+
+The cache is what makes the flow's sequential inverse cost one token of work per step: keys and
+values of positions already decoded are written once into fixed buffers, never concatenated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
+
+
+class KVCache:
+    """Fixed-size key/value buffers for one attention layer, allocated on first write."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise IndexError(f"KV cache of length {self.max_len} cannot hold position {end - 1}")
+        if self.k is None:
+            B, H, _, Dh = k.shape
+            self.k = k.new_empty(B, H, self.max_len, Dh)
+            self.v = v.new_empty(B, H, self.max_len, Dh)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, q_len, q_start+q_len]: causal, and padding keys (key_valid False) hidden.
+
+    A position may always see itself, so a padded query never has an empty row (no NaN).
+    """
+    k_len = q_start + q_len
+    q_pos = torch.arange(q_start, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if key_valid is None:
+        return mask[None, None]
+    valid = key_valid[:, None, None, :k_len]
+    return (mask[None, None] & valid) | (k_pos == q_pos)[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, head_dim: int, norm: str, qk_norm: bool):
+        super().__init__()
+        self.num_heads = width // head_dim
+        self.head_dim = head_dim
+        self.norm = make_norm(norm, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0):
+        B, T, C = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        v = qkv[2]
+        # QK-norm may run in fp32 under autocast; attention wants one dtype.
+        q, k = self.q_norm(qkv[0]).to(v.dtype), self.k_norm(qkv[1]).to(v.dtype)
+        if cache is not None:
+            k, v = cache.write(k, v, start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: float, norm: str):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.norm = make_norm(norm, width)
+        self.main = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x):
+        return self.main(self.norm(x))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, norm: str = "layernorm", qk_norm: bool = False):
+        super().__init__()
+        self.attention = Attention(width, head_dim, norm, qk_norm)
+        self.mlp = MLP(width, mlp_ratio, norm)
+
+    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0):
+        x = x + self.attention(x, mask, cache, start)
+        return x + self.mlp(x)

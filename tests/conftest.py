@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+from starflow import FlowConfig, STARFlow
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
+
+
+def perturbed(model: STARFlow, scale: float = 0.05, seed: int = 0) -> STARFlow:
+    """A freshly built flow is the identity (zero output layers); perturb every weight so tests bite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def tiny_config(**kw) -> FlowConfig:
+    base = dict(in_channels=1, image_size=8, patch_size=2, width=32, head_dim=16, num_blocks=3,
+                layers_per_block=1, deep_layers=2)
+    base.update(kw)
+    return FlowConfig(**base)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return perturbed(STARFlow(tiny_config(num_classes=3)))
