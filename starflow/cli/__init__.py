@@ -11,6 +11,8 @@ COMMANDS = {
     "sample": "sample",
     "nll": "nll",
     "convert-tarflow": "convert",
+    "train-autoencoder": "train_autoencoder",
+    "finetune-decoder": "finetune_decoder",
 }
 
 
