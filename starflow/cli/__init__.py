@@ -11,6 +11,7 @@ COMMANDS = {
     "sample": "sample",
     "nll": "nll",
     "convert-tarflow": "convert",
+    "eval": "eval",
     "train-autoencoder": "train_autoencoder",
     "finetune-decoder": "finetune_decoder",
 }
