@@ -5,7 +5,8 @@ import torch
 
 from starflow import FlowConfig, STARFlow
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny test models gain nothing from threads, and oversubscribed cores make them crawl.
+torch.set_num_threads(1)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
 

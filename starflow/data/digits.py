@@ -87,3 +87,6 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return self.images[idx], self.labels[idx]

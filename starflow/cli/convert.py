@@ -1,0 +1,26 @@
+"""``starflow convert-tarflow``: import an official TARFlow checkpoint (safetensors state dict)."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="convert an official apple/ml-tarflow checkpoint")
+    p.add_argument("checkpoint", help="safetensors state dict of transformer_flow.Model")
+    p.add_argument("--config", required=True,
+                   help="JSON with the official Model(...) arguments (in_channels, img_size, patch_size, "
+                        "channels, num_blocks, layers_per_block, nvp, num_classes), or a file with a 'config' key")
+    p.add_argument("--out", required=True, help="output model directory")
+    return p
+
+
+def run(args) -> int:
+    from starflow.convert import from_tarflow
+
+    with open(args.config) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("config", cfg)
+    model = from_tarflow(args.checkpoint, cfg)
+    model.save_pretrained(args.out)
+    print(f"converted {model.num_params() / 1e6:.2f}M parameters -> {args.out}")
+    return 0

@@ -1,0 +1,29 @@
+"""Load any saved model directory by the ``model_type`` its config.json names."""
+from __future__ import annotations
+
+import importlib
+import os
+
+from starflow.hub import read_config
+
+# model_type -> "module:Class"
+MODEL_TYPES = {
+    "starflow": "starflow.flow.model:STARFlow",
+    "rectified-flow": "starflow.peers.rectified_flow:RectifiedFlow",
+    "flowar": "starflow.peers.flowar:FlowAR",
+}
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+DEFAULT_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist")
+
+
+def model_class(model_type: str):
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
+    module, name = MODEL_TYPES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_pretrained(directory: str, map_location="cpu"):
+    model_type = read_config(directory).get("model_type", "starflow")
+    return model_class(model_type).from_pretrained(directory, map_location=map_location).eval()
