@@ -59,15 +59,17 @@ class _Step:
         return torch.cat([x, x]) if self.guided else x
 
 
-def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, opts: SamplerOptions) -> torch.Tensor:
+def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, opts: SamplerOptions,
+                 jacobi_iters: list[int] | None = None) -> torch.Tensor:
     """z [B, L, D] in canonical order -> x [B, L, D] in canonical order. ``ctx`` is built for 2B rows
-    (conditional then unconditional) when ``guided``."""
+    (conditional then unconditional) when ``guided``. Jacobi appends its sweeps per window to
+    ``jacobi_iters``."""
     z_perm = z[:, block.perm]
     step = _Step(block, guided, opts)
     if opts.sampler == "naive":
         x_perm = _naive(block, z_perm, ctx, step)
     elif opts.sampler == "jacobi":
-        x_perm = _jacobi(block, z_perm, ctx, step, opts)
+        x_perm = _jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     else:
         x_perm = _sequential(block, z_perm, ctx, step)
     return x_perm[:, block.inv_perm]
@@ -103,7 +105,7 @@ def _naive(block, z_perm, ctx, step):
     return x
 
 
-def _jacobi(block, z_perm, ctx, step, opts):
+def _jacobi(block, z_perm, ctx, step, opts, iters_out):
     B, L, _ = z_perm.shape
     K = opts.jacobi_window or L
     caches = block.new_caches(ctx)
@@ -123,7 +125,7 @@ def _jacobi(block, z_perm, ctx, step, opts):
             xw = x_new
             if delta < opts.jacobi_threshold:
                 break
-        block.last_jacobi_iters = it + 1
+        iters_out.append(it + 1)
         x[:, s:e] = xw
         if e < L:  # commit the window to the cache; its last output predicts the next window's first token
             first = block.extend(step.feed(xw), s, ctx, caches)[:, -1:]

@@ -147,11 +147,12 @@ class STARFlow(nn.Module, PretrainedMixin):
         if guided:
             cond = cond.cat(cond.null())
         h = self.patchify(_at_least_fp32(z))
+        self.last_jacobi_iterations = []  # sweeps per block window, for benchmarks and tests
         for block in reversed(self.blocks):
             use = cond if block.conditional else None
             rows = 2 * B if (guided and block.conditional) else B
             ctx = block.context(use, rows, z.device)
-            h = invert_block(block, h, ctx, guided and block.conditional, opts)
+            h = invert_block(block, h, ctx, guided and block.conditional, opts, self.last_jacobi_iterations)
         return self.unpatchify(h)
 
     @torch.no_grad()
