@@ -1,0 +1,71 @@
+"""The command line, end to end on tiny models."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import FIXTURES, perturbed, tiny_config
+from starflow import STARFlow
+from starflow.cli import main
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = perturbed(STARFlow(tiny_config(num_classes=10)), scale=0.02)
+    path = str(tmp_path / "model")
+    model.save_pretrained(path)
+    return path
+
+
+def test_sample_grid_and_files(saved, tmp_path, capsys):
+    out = str(tmp_path / "grid.png")
+    assert main(["sample", saved, "--num-images", "6", "--class", "3", "--out", out, "--device", "cpu"]) == 0
+    assert Image.open(out).size[0] > 8
+    folder = str(tmp_path / "imgs")
+    assert main(["sample", saved, "-n", "3", "--out", folder, "--no-grid", "--sampler", "jacobi",
+                 "--guidance", "1.5", "--guidance-rule", "tarflow"]) == 0
+    assert sorted(os.listdir(folder)) == ["0000.png", "0001.png", "0002.png"]
+    assert Image.open(os.path.join(folder, "0000.png")).size == (8, 8)
+
+
+def test_sample_bad_input(saved, capsys):
+    assert main(["sample", saved, "--class", "12"]) == 2
+    assert "class index 12 out of range" in capsys.readouterr().err
+    assert main(["sample", saved, "--num-images", "0"]) == 2
+    assert main(["sample", saved, "--guidance", "-2"]) == 2
+    assert "guidance weight" in capsys.readouterr().err
+    assert main(["sample", "/nonexistent/model"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_nll_on_digits(saved, capsys):
+    assert main(["nll", saved, "--dataset", "digits", "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "n=300" in out
+
+
+def test_train_cli_with_overrides(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  image_size: 8\n  patch_size: 2\n  width: 32\n  head_dim: 16\n  num_blocks: 2\n"
+                   "  layers_per_block: 1\n  num_classes: 10\ntrain:\n  dataset: digits\n  batch_size: 16\n"
+                   "  warmup_steps: 1\n  sample_every: 4\n")
+    out = str(tmp_path / "run")
+    assert main(["train", "--config", str(cfg), "--out-dir", out, "--steps", "4", "--set", "train.ckpt_every=2"]) == 0
+    assert os.path.exists(os.path.join(out, "model", "model.safetensors"))
+    assert os.path.exists(os.path.join(out, "checkpoints", "step_0000004", "manifest.json"))
+    # model / data mismatch is named
+    assert main(["train", "--config", str(cfg), "--out-dir", out, "--set", "model.image_size=16"]) == 2
+    assert "expects (1, 16, 16)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(FIXTURES, "tarflow_official_small.safetensors")), reason="no fixture")
+def test_convert_tarflow_cli(tmp_path):
+    src = os.path.join(FIXTURES, "tarflow_official_small.safetensors")
+    out = str(tmp_path / "conv")
+    assert main(["convert-tarflow", src, "--config", src.replace(".safetensors", ".json"), "--out", out]) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["model_type"] == "starflow" and cfg["cond_mode"] == "add"
