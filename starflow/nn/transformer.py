@@ -35,11 +35,14 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor:
+def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
     """Boolean mask [B or 1, 1, q_len, q_start+q_len]: causal, and padding keys (key_valid False) hidden.
 
-    A position may always see itself, so a padded query never has an empty row (no NaN).
+    A position may always see itself, so a padded query never has an empty row (no NaN). None when
+    nothing is hidden (one new token, no padding): the cheap path of cached decoding.
     """
+    if q_len == 1 and key_valid is None:
+        return None
     k_len = q_start + q_len
     q_pos = torch.arange(q_start, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
