@@ -8,10 +8,16 @@ N(mu1, S1) and N(mu2, S2) is
 
     FD = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)
 
-computed in float64. The trace of the matrix square root is taken from the eigenvalues of the symmetric
-PSD matrix S1^1/2 S2 S1^1/2 (``numpy.linalg.eigh``; tiny negative round-off eigenvalues are clipped to
-0), which is the same quantity as Tr(sqrtm(S1 S2)) but without ``scipy.linalg.sqrtm``'s complex
-round-off.
+computed in float64. The trace of the matrix square root, Tr((S1 S2)^1/2), is computed one of two
+exactly equivalent ways:
+
+* from the covariances: the eigenvalues of the symmetric PSD matrix S1^1/2 S2 S1^1/2
+  (``numpy.linalg.eigh``, tiny negative round-off clipped to 0) — no ``scipy.linalg.sqrtm`` and its
+  complex round-off; costs a few d x d eigendecompositions;
+* from the features, when both sets are at hand and min(n1, n2) < d: with centred feature matrices
+  X1 [n1, d], X2 [n2, d], the nonzero eigenvalues of S1 S2 are the squared singular values of
+  X1 X2^T / sqrt((n1-1)(n2-1)), so the trace is that matrix's nuclear norm — an n1 x n2 SVD instead of
+  d x d eigendecompositions (much faster at the small n used for evaluation).
 
 Bias
 ----
@@ -64,6 +70,7 @@ class FeatureStats:
     mu: np.ndarray       # [d] float64
     sigma: np.ndarray    # [d, d] float64, unbiased (n - 1)
     n: int
+    features: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [n, d], optional
 
     @property
     def dim(self) -> int:
@@ -90,7 +97,7 @@ class FeatureStats:
             )
         mu = f.mean(axis=0)
         sigma = np.cov(f, rowvar=False, ddof=1)
-        return cls(mu=mu, sigma=np.atleast_2d(sigma), n=n)
+        return cls(mu=mu, sigma=np.atleast_2d(sigma), n=n, features=f)
 
 
 def _as_2d_float64(features) -> np.ndarray:
@@ -127,9 +134,34 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(fd, 0.0)
 
 
-def compare_stats(a: FeatureStats, b: FeatureStats) -> dict:
-    """FD value plus the context needed to read it (sample counts, singularity)."""
-    fd = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+def _fd_from_feature_matrices(a: FeatureStats, b: FeatureStats) -> float:
+    x1 = np.asarray(a.features, np.float64) - a.mu
+    x2 = np.asarray(b.features, np.float64) - b.mu
+    scale = np.sqrt((a.n - 1) * (b.n - 1))
+    tr_covmean = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / scale
+    diff = a.mu - b.mu
+    fd = float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr_covmean)
+    return max(fd, 0.0)
+
+
+def compare_stats(a: FeatureStats, b: FeatureStats, method: str = "auto") -> dict:
+    """FD value plus the context needed to read it (sample counts, singularity).
+
+    ``method``: ``"covariance"``, ``"features"`` (both stats must carry features) or ``"auto"``
+    (features when available and min(n_a, n_b) < d; the two give the same value up to round-off)."""
+    if a.dim != b.dim:
+        raise ValueError(f"feature dimensions differ: {a.dim} vs {b.dim}")
+    have = a.features is not None and b.features is not None
+    if method == "auto":
+        method = "features" if have and min(a.n, b.n) < a.dim else "covariance"
+    if method == "features":
+        if not have:
+            raise ValueError("method='features' needs both FeatureStats to carry their features")
+        fd = _fd_from_feature_matrices(a, b)
+    elif method == "covariance":
+        fd = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    else:
+        raise ValueError(f"unknown method {method!r}")
     singular = a.singular or b.singular
     return {
         "value": fd,
@@ -195,7 +227,7 @@ def reference_stats(dataset: str, split: str, extractor, n: int | None = None, s
                 stored = json.loads(str(z["meta"]))
                 if stored == meta:
                     feats = z["features"]
-                    stats = FeatureStats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]))
+                    stats = FeatureStats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]), features=feats)
                     return stats, feats
         except (OSError, ValueError, KeyError):
             pass  # unreadable or stale: recompute
