@@ -85,9 +85,13 @@ class FlowConfig:
 
 @dataclass
 class TrainConfig:
-    dataset: str = "mnist"            # mnist | digits | folder:PATH
-    image_size: int | None = None     # folder datasets only
+    dataset: str = "mnist"            # mnist | digits | shapes | folder:PATH
+    image_size: int | None = None     # folder and shapes datasets
     channels: int = 1                 # folder datasets only
+    dataset_size: int = 10000         # shapes: number of generated training scenes
+    autoencoder: str | None = None    # latent training: a shipped name (mnist, shapes) or a diffusers VAE folder
+    decoder: str | None = None        # autoencoder to ship for decoding (e.g. mnist_ft, a fine-tuned decoder)
+    text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
     out_dir: str = "runs/mnist"
     steps: int = 2000
     batch_size: int = 64
@@ -121,9 +125,10 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """What a YAML recipe holds: the model and how to train it."""
+    """What a YAML recipe holds: which model family, its config, and how to train it."""
 
-    model: FlowConfig = field(default_factory=FlowConfig)
+    model_type: str = "starflow"
+    model: object = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -136,14 +141,24 @@ def _build(cls, data: dict, where: str):
 
 
 def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
+    from starflow.models import model_class
+
     with open(path) as f:
         data = yaml.safe_load(f) or {}
-    unknown = set(data) - {"model", "train"}
+    unknown = set(data) - {"model_type", "model", "train"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'model' and 'train'")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'model_type', 'model' and 'train'")
     model = dict(data.get("model") or {})
     train = dict(data.get("train") or {})
+    model_type = data.get("model_type", "starflow")
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
+        if key == "model_type":
+            model_type = value
+            continue
         {"model": model, "train": train}[section][name] = value
-    return RunConfig(model=_build(FlowConfig, model, f"{path}: model"), train=_build(TrainConfig, train, f"{path}: train"))
+    try:
+        cls = model_class(model_type).config_class
+    except ValueError as e:
+        raise ConfigError(f"{path}: model_type: {e}") from None
+    return RunConfig(model_type, _build(cls, model, f"{path}: model"), _build(TrainConfig, train, f"{path}: train"))

@@ -4,8 +4,6 @@ from __future__ import annotations
 import importlib
 import os
 
-from starflow.hub import read_config
-
 # model_type -> "module:Class"
 MODEL_TYPES = {
     "starflow": "starflow.flow.model:STARFlow",
@@ -25,5 +23,8 @@ def model_class(model_type: str):
 
 
 def load_pretrained(directory: str, map_location="cpu"):
-    model_type = read_config(directory).get("model_type", "starflow")
-    return model_class(model_type).from_pretrained(directory, map_location=map_location).eval()
+    """A ``StarflowPipeline`` for a pipeline or bare model directory: ``.sample(n, y=..., prompt=...)``
+    returns images in [-1, 1] whatever space the model lives in."""
+    from starflow.pipeline import StarflowPipeline
+
+    return StarflowPipeline.from_pretrained(directory, device=map_location)

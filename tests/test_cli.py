@@ -55,7 +55,9 @@ def test_train_cli_with_overrides(tmp_path, capsys):
                    "  warmup_steps: 1\n  sample_every: 4\n")
     out = str(tmp_path / "run")
     assert main(["train", "--config", str(cfg), "--out-dir", out, "--steps", "4", "--set", "train.ckpt_every=2"]) == 0
-    assert os.path.exists(os.path.join(out, "model", "model.safetensors"))
+    assert os.path.exists(os.path.join(out, "model", "model_index.json"))
+    assert os.path.exists(os.path.join(out, "model", "model", "model.safetensors"))
+    assert main(["sample", os.path.join(out, "model"), "-n", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert os.path.exists(os.path.join(out, "checkpoints", "step_0000004", "manifest.json"))
     # model / data mismatch is named
     assert main(["train", "--config", str(cfg), "--out-dir", out, "--set", "model.image_size=16"]) == 2

@@ -25,6 +25,9 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if key == "model_type":
+            out[key] = value
+            continue
         if not sep or "." not in key or key.split(".")[0] not in ("model", "train"):
             raise ValueError(f"--set expects SECTION.KEY=VALUE with SECTION model or train, got {item!r}")
         out[key] = yaml.safe_load(value)
@@ -32,12 +35,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: F401  (import cost only when running)
-
     from starflow.config import load_run_config
-    from starflow.data import build_dataset
-    from starflow.flow.model import STARFlow
-    from starflow.train.trainer import Trainer
+    from starflow.train.build import build_trainer
 
     apply_threads(args.threads)
     overrides = parse_overrides(args.set)
@@ -47,20 +46,11 @@ def run(args: argparse.Namespace) -> int:
         overrides["train.steps"] = args.steps
     overrides["train.device"] = args.device
     run_cfg = load_run_config(args.config, overrides)
-    mcfg, tcfg = run_cfg.model, run_cfg.train
-    dataset = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels)
-    shape = tuple(dataset.image_shape)
-    expected = (mcfg.in_channels, mcfg.image_size, mcfg.image_size)
-    if shape != expected:
-        raise ValueError(f"dataset {tcfg.dataset!r} has images of shape {shape} but the model expects {expected} "
-                         "(model.in_channels, model.image_size)")
-    if mcfg.num_classes and getattr(dataset, "num_classes", 0) > mcfg.num_classes:
-        raise ValueError(f"dataset has {dataset.num_classes} classes but model.num_classes is {mcfg.num_classes}")
-    model = STARFlow(mcfg)
-    labels = [i % mcfg.num_classes for i in range(16)] if mcfg.num_classes else None
-    trainer = Trainer(model, dataset, tcfg, sample_labels=labels)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, blocks {mcfg.block_layers()} layers; "
-          f"dataset {tcfg.dataset} ({len(dataset)} images); device {trainer.device}")
+    trainer = build_trainer(run_cfg)
+    m = trainer.model
+    print(f"model: {run_cfg.model_type}, {m.num_params() / 1e6:.2f}M parameters; dataset {run_cfg.train.dataset} "
+          f"({len(trainer.dataset)} examples, {'latent' if run_cfg.train.autoencoder else 'pixel'} space); "
+          f"device {trainer.device}")
     out = trainer.train(resume=args.resume)
     print(f"saved model to {out}")
     return 0

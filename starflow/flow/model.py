@@ -96,7 +96,8 @@ class STARFlow(nn.Module, PretrainedMixin):
                 raise ValueError(f"class index {int(y[bad][0])} out of range [0, {c.num_classes})")
             return Condition(labels=y)
         if text is not None:
-            states, mask = text if isinstance(text, tuple) else (text, None)
+            # (states, mask) or (states, mask, pooled); the pooled vector is for the peer systems
+            states, mask = (text[0], text[1]) if isinstance(text, tuple) else (text, None)
             if states.ndim != 3 or states.shape[-1] != c.cond_dim or states.shape[0] != batch:
                 raise ValueError(f"text states must be [{batch}, L, {c.cond_dim}], got {list(states.shape)}")
             return Condition(text=states.to(device), text_mask=None if mask is None else mask.to(device).bool())

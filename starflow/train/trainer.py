@@ -51,23 +51,40 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, dataset, cfg: TrainConfig, model_config=None, sample_labels=None):
+    def __init__(self, model: torch.nn.Module, dataset, cfg: TrainConfig, condition_fn=None, preview=None,
+                 pipeline_factory=None):
+        """``condition_fn(labels) -> kwargs`` for ``model.loss`` (default: class labels when the model has
+        classes); ``preview``: kwargs for the sample grids (e.g. ``{"y": ...}`` or ``{"prompt": [...]}``);
+        ``pipeline_factory(model) -> StarflowPipeline`` wraps the EMA model for previews and export."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.dataset = dataset
-        self.model_config = model_config
+        self.condition_fn = condition_fn or self._default_condition
+        self.preview = preview if preview is not None else self._default_preview()
+        self.pipeline_factory = pipeline_factory
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.ema = make_ema(self.model, cfg.ema_decay)
         self.step = 0
         self.lr_scale = 1.0  # lowered after a rollback
-        self.sample_labels = sample_labels
         if len(dataset) < cfg.batch_size:
             raise ValueError(f"dataset has {len(dataset)} examples, fewer than batch_size {cfg.batch_size}")
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    def _default_condition(self, y: torch.Tensor) -> dict:
+        return {"y": y} if getattr(self.model.config, "num_classes", 0) else {}
+
+    def _default_preview(self) -> dict:
+        k = getattr(self.model.config, "num_classes", 0)
+        return {"y": torch.arange(16) % k} if k else {}
+
+    def pipeline(self, model):
+        from starflow.pipeline import StarflowPipeline
+
+        return self.pipeline_factory(model) if self.pipeline_factory else StarflowPipeline(model)
 
     # ---- data ------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
@@ -122,22 +139,19 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def save_samples(self) -> None:
-        model = self.ema.module
-        if not hasattr(model, "sample"):
-            return
-        model.eval()
-        n = 16
-        kwargs = {}
-        if self.sample_labels is not None:
-            kwargs["y"] = torch.as_tensor(self.sample_labels[:n], device=self.device)
-            n = len(kwargs["y"])
+        pipe = self.pipeline(self.ema.module)
+        kwargs = dict(self.preview)
+        n = len(kwargs["y"]) if "y" in kwargs else len(kwargs["prompt"]) if "prompt" in kwargs else 16
+        if "y" in kwargs:
+            kwargs["y"] = kwargs["y"].to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            images = model.sample(n, generator=torch.Generator(self.device).manual_seed(0), device=self.device, **kwargs)
+            images = pipe.sample(n, generator=torch.Generator(self.device).manual_seed(0), device=self.device, **kwargs)
+        self.model.train()
         save_images(images, os.path.join(self.cfg.out_dir, "samples", f"step_{self.step:07d}.png"))
 
     def export(self) -> str:
         out = os.path.join(self.cfg.out_dir, "model")
-        self.ema.module.save_pretrained(out)
+        self.pipeline(self.ema.module).save_pretrained(out)
         with open(os.path.join(out, "train_config.yaml"), "w") as f:
             yaml.safe_dump({"train": asdict(self.cfg)}, f, sort_keys=False)
         return out
@@ -150,7 +164,7 @@ class Trainer:
             group["lr"] = self.cfg.lr * lr_factor(step, self.cfg) * self.lr_scale
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.model.loss(x, y if getattr(self.model.config, "num_classes", 0) else None)
+            loss = self.model.loss(x, **self.condition_fn(y))
         if not torch.isfinite(loss):
             self.opt.zero_grad(set_to_none=True)
             return {"skipped": f"non-finite loss {loss.item()}"}

@@ -1,0 +1,46 @@
+"""Captioned images as tensors: labels are indices into a table of unique captions, so text-encoder
+outputs are computed once per caption and looked up per batch."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class CaptionedImages(Dataset):
+    def __init__(self, images: torch.Tensor, captions: list[str]):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.captions = sorted(set(captions))
+        index = {c: i for i, c in enumerate(self.captions)}
+        self.images = images
+        self.labels = torch.tensor([index[c] for c in captions], dtype=torch.long)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return self.images[idx], self.labels[idx]
+
+
+class TextTable:
+    """Text-encoder outputs for every unique caption, padded to one length; rows looked up by label."""
+
+    def __init__(self, text_encoder, captions: list[str], batch_size: int = 256):
+        self.captions = list(captions)
+        emb = text_encoder.encode_dataset(self.captions, batch_size=batch_size)
+        self.states, self.mask, self.pooled = emb.states, emb.mask, emb.pooled
+
+    def to(self, device):
+        self.states, self.mask, self.pooled = (t.to(device) for t in (self.states, self.mask, self.pooled))
+        return self
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = ids.to(self.states.device)
+        return self.states[ids], self.mask[ids], self.pooled[ids]

@@ -1,0 +1,62 @@
+"""Everything a recipe needs before the loop starts: data (pixels or cached latents), text table,
+model, and the pipeline that wraps it for previews and export."""
+from __future__ import annotations
+
+import torch
+
+from starflow.config import RunConfig
+from starflow.data import build_dataset
+from starflow.models import model_class
+from starflow.train.trainer import Trainer
+
+
+def _check_shape(shape, mcfg, what: str) -> None:
+    expected = (mcfg.in_channels, mcfg.image_size, mcfg.image_size)
+    if tuple(shape) != expected:
+        raise ValueError(f"{what} has shape {tuple(shape)} but the model expects {expected} "
+                         "(model.in_channels, model.image_size)")
+
+
+def build_trainer(run: RunConfig) -> Trainer:
+    mcfg, tcfg = run.model, run.train
+    base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
+    dataset, autoencoder, decoder = base, None, None
+    if tcfg.autoencoder:
+        from starflow.autoencoder import resolve_autoencoder
+        from starflow.data.latents import LatentDataset
+
+        autoencoder = resolve_autoencoder(tcfg.autoencoder, image_channels=base.image_shape[0])
+        dataset = LatentDataset(autoencoder, base, f"{tcfg.dataset}-{tcfg.dataset_size}", "train")
+        _check_shape(dataset.latent_shape, mcfg, f"the {tcfg.autoencoder!r} latent of {tcfg.dataset!r}")
+        decoder = resolve_autoencoder(tcfg.decoder) if tcfg.decoder else autoencoder
+    else:
+        _check_shape(base.image_shape, mcfg, f"dataset {tcfg.dataset!r}")
+
+    model = model_class(run.model_type)(mcfg)
+    condition_fn = preview = text_encoder = None
+    if tcfg.text_encoder:
+        from starflow.data.captioned import TextTable
+        from starflow.text_encoder import TextEncoder
+
+        if not hasattr(base, "captions"):
+            raise ValueError(f"dataset {tcfg.dataset!r} has no captions; text_encoder needs a captioned dataset")
+        text_encoder = TextEncoder.from_pretrained(tcfg.text_encoder)
+        if getattr(mcfg, "cond_dim", None) != text_encoder.dim:
+            raise ValueError(f"model.cond_dim is {getattr(mcfg, 'cond_dim', None)} but the text encoder gives {text_encoder.dim}-d states")
+        table = TextTable(text_encoder, base.captions)
+        starflow = run.model_type == "starflow"
+
+        def condition_fn(ids):
+            states, mask, pooled = table.lookup(ids)
+            return {"text": (states, mask) if starflow else (states, mask, pooled)}
+
+        preview = {"prompt": [base.captions[int(i)] for i in torch.linspace(0, len(base.captions) - 1, 16).long()]}
+    elif getattr(mcfg, "num_classes", 0) and getattr(base, "num_classes", 0) > mcfg.num_classes:
+        raise ValueError(f"dataset has {base.num_classes} classes but model.num_classes is {mcfg.num_classes}")
+
+    def pipeline_factory(m):
+        from starflow.pipeline import StarflowPipeline
+
+        return StarflowPipeline(m, decoder, text_encoder, tcfg.noise_std if decoder is not None else 0.0)
+
+    return Trainer(model, dataset, tcfg, condition_fn=condition_fn, preview=preview, pipeline_factory=pipeline_factory)
