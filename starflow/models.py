@@ -13,6 +13,7 @@ MODEL_TYPES = {
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEFAULT_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist")
+DEFAULT_TEXT_MODEL = os.path.join(ASSETS, "starflow_shapes")
 
 
 def model_class(model_type: str):

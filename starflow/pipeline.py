@@ -6,11 +6,16 @@
 A pipeline directory holds ``model_index.json`` and one sub-folder per saved component:
 
     model_index.json   {"model": "model", "autoencoder": "autoencoder", "text_encoder": {...},
-                        "latent_noise_std": 0.3, "denoise": "decoder"}
+                        "noise_std": 0.3, "denoise": "decoder"}
     model/             config.json + model.safetensors (STARFlow, rectified flow or FlowAR)
     autoencoder/       a diffusers AutoencoderKL folder (latent models only)
 
 A bare model directory (config.json + model.safetensors, a pixel-space model) loads as a pipeline too.
+
+``noise_std`` is the Gaussian noise the flow was trained with (in its own space: latents or [-1,1]
+pixels). A sample is then a *noisy* datum; ``denoise`` says how it is cleaned: ``decoder`` (a decoder
+fine-tuned on noisy latents does it), ``tweedie`` (one score step through the flow's exact density,
+x + sigma^2 grad log p(x)) or ``none``.
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ def _model_class(model_type: str):
 
 
 class StarflowPipeline:
-    def __init__(self, model, autoencoder=None, text_encoder=None, latent_noise_std: float = 0.0, denoise: str = "decoder"):
+    def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None):
+        denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
         if denoise not in DENOISE:
             raise ValueError(f"unknown denoise {denoise!r}; expected one of {DENOISE}")
         self.model = model.eval()
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.text_encoder = text_encoder
-        self.latent_noise_std = latent_noise_std
+        self.noise_std = noise_std
         self.denoise = denoise
 
     # ---- properties users and tools read -------------------------------------------------------
@@ -97,16 +103,17 @@ class StarflowPipeline:
             text = self.encode_prompts(prompts)
         device = device or self.device
         x = self.model.sample(n, y=y, text=text, generator=generator, device=device, **kwargs)
-        if self.autoencoder is None:
-            return x.clamp(-1, 1)
-        return self.decode_latents(x, y=y, text=text)
+        return self.finish(x, y=y, text=text)
 
-    def decode_latents(self, z: torch.Tensor, y=None, text=None) -> torch.Tensor:
-        if self.denoise == "tweedie" and self.latent_noise_std > 0 and hasattr(self.model, "log_prob"):
+    def finish(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+        """A raw model sample -> images in [-1, 1]: denoise if the model was trained on noisy data, decode."""
+        if self.denoise == "tweedie" and self.noise_std > 0 and hasattr(self.model, "log_prob"):
             from starflow.denoise import tweedie_denoise
 
-            z = tweedie_denoise(lambda v: self.model.log_prob(v, y, text), z, self.latent_noise_std)
-        return self.autoencoder.decode(z).clamp(-1, 1)
+            x = tweedie_denoise(lambda v: self.model.log_prob(v, y, text), x, self.noise_std)
+        if self.autoencoder is not None:
+            x = self.autoencoder.decode(x)
+        return x.clamp(-1, 1)
 
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
@@ -143,7 +150,7 @@ class StarflowPipeline:
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(os.path.join(directory, "model"))
-        index = {"model": "model", "latent_noise_std": self.latent_noise_std, "denoise": self.denoise}
+        index = {"model": "model", "noise_std": self.noise_std, "denoise": self.denoise}
         if self.autoencoder is not None:
             self.autoencoder.save_pretrained(os.path.join(directory, "autoencoder"))
             index["autoencoder"] = "autoencoder"
@@ -171,4 +178,4 @@ class StarflowPipeline:
             from starflow.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
-        return cls(model, autoencoder, text_encoder, index.get("latent_noise_std", 0.0), denoise or index.get("denoise", "decoder"))
+        return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))

@@ -7,6 +7,7 @@ import sys
 
 # name -> module under starflow.cli; a module defines add_parser(subparsers) and run(args).
 COMMANDS = {
+    "generate": "generate",
     "train": "train",
     "sample": "sample",
     "nll": "nll",

@@ -50,8 +50,8 @@ def run(args) -> int:
     y = None
     if args.label is not None:
         y = torch.full((args.num_images,), args.label, dtype=torch.long)
-    elif getattr(model.config, "num_classes", 0):
-        y = torch.arange(args.num_images) % model.config.num_classes
+    elif model.num_classes:
+        y = torch.arange(args.num_images) % model.num_classes
     generator = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     images = model.sample(args.num_images, y=y, generator=generator, device=device, **kw)

@@ -57,6 +57,6 @@ def build_trainer(run: RunConfig) -> Trainer:
     def pipeline_factory(m):
         from starflow.pipeline import StarflowPipeline
 
-        return StarflowPipeline(m, decoder, text_encoder, tcfg.noise_std if decoder is not None else 0.0)
+        return StarflowPipeline(m, decoder, text_encoder, tcfg.noise_std)
 
     return Trainer(model, dataset, tcfg, condition_fn=condition_fn, preview=preview, pipeline_factory=pipeline_factory)
