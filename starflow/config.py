@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import yaml
@@ -43,6 +44,7 @@ class FlowConfig:
     norm: str = "layernorm"       # "layernorm" | "rmsnorm"
     qk_norm: bool = False
     affine: bool = True           # False: shift-only (volume-preserving) steps
+    buckets: list | None = None   # extra allowed [H, W] sizes (aspect-ratio buckets), each <= image_size
 
     def __post_init__(self):
         _check(self.in_channels > 0, "in_channels", f"must be positive, got {self.in_channels}")
@@ -63,6 +65,11 @@ class FlowConfig:
         _check(0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", f"expected 'layernorm' or 'rmsnorm', got {self.norm!r}")
         _check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
+        for hw in self.buckets or []:
+            _check(len(hw) == 2 and all(0 < v <= self.image_size and v % self.patch_size == 0 for v in hw), "buckets",
+                   f"{list(hw)} must be [H, W] with 0 < H, W <= image_size {self.image_size}, divisible by patch_size {self.patch_size}")
+        if self.buckets:
+            self.buckets = [list(map(int, hw)) for hw in self.buckets]
 
     @property
     def num_tokens(self) -> int:
@@ -76,11 +83,23 @@ class FlowConfig:
     def conditional(self) -> bool:
         return bool(self.num_classes or self.cond_dim)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) sizes the model accepts: the square image_size and any aspect-ratio buckets."""
+        return [(self.image_size, self.image_size)] + [tuple(hw) for hw in self.buckets or []]
+
     def block_layers(self) -> list[int]:
         layers = [self.layers_per_block] * self.num_blocks
         if self.deep_layers is not None:
             layers[-1] = self.deep_layers
         return layers
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -94,7 +113,7 @@ class TrainConfig:
     text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
     out_dir: str = "runs/mnist"
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 64              # the global batch: split over ranks and accumulation micro-steps
     lr: float = 1e-3
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -112,15 +131,75 @@ class TrainConfig:
     precision: str = "auto"           # auto | fp32 | bf16
     device: str = "auto"
     max_nonfinite_in_a_row: int = 5
+    distributed: str = "ddp"          # under torchrun: ddp (replicated) | fsdp (fully sharded, FSDP2)
+    grad_accum_steps: int = 1         # micro-steps per optimizer step (batch_size / (world * this) each)
+    grad_checkpointing: bool = False  # recompute each transformer layer in backward (less memory, ~1.3x compute)
+    ddp_find_unused_parameters: bool = False  # DDP only: for models with parameters a step may not use
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every", "keep_last"):
+        # Types first, so the range checks below never compare a string with a number.
+        for name in ("dataset", "out_dir", "precision", "device", "distributed"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and value.strip() != "", name, f"must be a non-empty string, got {value!r}")
+        for name in ("autoencoder", "decoder", "text_encoder"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value.strip() != ""), name,
+                   f"must be a non-empty string or null, got {value!r}")
+        for name in ("channels", "dataset_size", "steps", "batch_size", "warmup_steps", "seed", "log_every",
+                     "ckpt_every", "sample_every", "keep_last", "num_workers", "max_nonfinite_in_a_row",
+                     "grad_accum_steps"):
+            value = getattr(self, name)
+            _check(_is_int(value), name, f"must be an integer, got {value!r} ({type(value).__name__})")
+        _check(self.image_size is None or _is_int(self.image_size), "image_size",
+               f"must be an integer or null, got {self.image_size!r}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "ema_decay", "noise_std"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            _check(_is_number(value) and math.isfinite(value), name,
+                   f"must be a finite number, got {getattr(self, name)!r}")
+            setattr(self, name, float(value))
+        for name in ("grad_checkpointing", "ddp_find_unused_parameters"):
+            _check(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+        _check(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2 and all(map(_is_number, self.betas)),
+               "betas", f"must be two numbers, got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
+
+        # Ranges.
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every", "keep_last",
+                     "dataset_size", "channels", "max_nonfinite_in_a_row", "grad_accum_steps"):
             _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _check(self.image_size is None or self.image_size > 0, "image_size", f"must be positive, got {self.image_size}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.seed < 2**31, "seed", f"must be in [0, 2**31), got {self.seed}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", f"expected auto|fp32|bf16, got {self.precision!r}")
-        _check(self.noise_std >= 0, "noise_std", "must be >= 0")
+        _check(self.distributed in ("ddp", "fsdp"), "distributed", f"expected ddp|fsdp, got {self.distributed!r}")
+        _check(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
+               f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}")
+        _check(self.dataset in ("mnist", "digits", "shapes") or
+               (self.dataset.startswith("folder:") and len(self.dataset) > len("folder:")), "dataset",
+               f"expected mnist, digits, shapes or folder:PATH, got {self.dataset!r}")
+        _check(not self.dataset.startswith("folder:") or self.image_size is not None, "image_size",
+               "a folder dataset needs image_size")
+        _check(self.decoder is None or self.autoencoder is not None, "decoder", "needs train.autoencoder (latent training)")
+        if self.device != "auto":
+            try:
+                import torch
+
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
 
 
 @dataclass

@@ -41,8 +41,8 @@ class SamplerOptions:
 class _Step:
     """Turns raw block outputs into (mu, alpha), applying guidance when the batch is doubled."""
 
-    def __init__(self, block: FlowBlock, guided: bool, opts: SamplerOptions):
-        self.block, self.guided, self.opts = block, guided, opts
+    def __init__(self, block: FlowBlock, guided: bool, opts: SamplerOptions, num_tokens: int):
+        self.block, self.guided, self.opts, self.num_tokens = block, guided, opts, num_tokens
 
     def params(self, out: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu, alpha = self.block.split(out)
@@ -52,7 +52,7 @@ class _Step:
         alpha_c, alpha_u = alpha.chunk(2)
         positions = torch.arange(start, start + mu.shape[1], device=mu.device)
         return guide(self.opts.guidance_rule, self.opts.guidance, mu_c, alpha_c, mu_u, alpha_u,
-                     positions, self.block.num_tokens)
+                     positions, self.num_tokens)
 
     def feed(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded tokens go to both branches of a guided batch."""
@@ -64,15 +64,15 @@ def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, 
     """z [B, L, D] in canonical order -> x [B, L, D] in canonical order. ``ctx`` is built for 2B rows
     (conditional then unconditional) when ``guided``. Jacobi appends its sweeps per window to
     ``jacobi_iters``."""
-    z_perm = z[:, block.perm]
-    step = _Step(block, guided, opts)
+    z_perm = z[:, ctx.perm]
+    step = _Step(block, guided, opts, ctx.num_tokens)
     if opts.sampler == "naive":
         x_perm = _naive(block, z_perm, ctx, step)
     elif opts.sampler == "jacobi":
         x_perm = _jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     else:
         x_perm = _sequential(block, z_perm, ctx, step)
-    return x_perm[:, block.inv_perm]
+    return x_perm[:, ctx.inv_perm]
 
 
 def _rows(z_perm, guided):

@@ -54,9 +54,7 @@ def run(args) -> int:
         raise ValueError("give --prompt or --class, not both")
     device = resolve_device(args.device)
     pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise)
-    kw = sampling_kwargs(args)
-    if getattr(pipe.model, "model_type", "starflow") != "starflow":  # peers: Euler sampler, no temperature/rule
-        kw = {"guidance": kw["guidance"]}
+    kw = sampling_kwargs(args, pipe)
     y = None
     if args.label is not None:
         y = torch.full((args.num_images,), args.label, dtype=torch.long)

@@ -16,6 +16,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"])
     p.add_argument("--jacobi-threshold", type=float, default=1e-3)
     p.add_argument("--jacobi-window", type=int, default=0, help="tokens per Jacobi window (0 = whole block)")
+    p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")
 
 
 def add_parser(sub, name):
@@ -29,12 +30,21 @@ def add_parser(sub, name):
     return p
 
 
-def sampling_kwargs(args) -> dict:
+def sampling_kwargs(args, pipe) -> dict:
+    """The sampler arguments the loaded model takes (peers: Euler sampling, guidance only)."""
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if getattr(pipe.model, "model_type", "starflow") != "starflow":
+        if args.aspect or args.sampler != "sequential":
+            raise ValueError(f"{pipe.model.model_type} models take neither --aspect nor --sampler")
+        return {"guidance": args.guidance}
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
     if args.sampler == "jacobi":
         kw.update(jacobi_threshold=args.jacobi_threshold, jacobi_window=args.jacobi_window)
+    if args.aspect:
+        from starflow.data.buckets import nearest_bucket, parse_aspect
+
+        kw["size"] = nearest_bucket(pipe.model.config.image_sizes(), parse_aspect(args.aspect))
     return kw
 
 
@@ -46,7 +56,7 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
-    kw = sampling_kwargs(args)
+    kw = sampling_kwargs(args, model)
     y = None
     if args.label is not None:
         y = torch.full((args.num_images,), args.label, dtype=torch.long)

@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from starflow.flow.condition import Condition, ConditionEmbedding
 from starflow.nn.transformer import KVCache, TransformerLayer, attention_mask
 
 
 class Context:
-    """A block's condition, embedded once per call: a prefix of tokens, or a vector added to every token."""
+    """What one call of a block needs besides the tokens: the embedded condition (a prefix of tokens, or
+    a vector added to every token) and the token layout (the block's order over L tokens, and each
+    token's position id in the learned position table: a smaller or non-square grid uses a sub-grid
+    of the table, which is how aspect-ratio buckets share one model)."""
 
-    def __init__(self, prefix=None, prefix_valid=None, add=None):
+    def __init__(self, perm, pos_perm, prefix=None, prefix_valid=None, add=None):
         self.prefix, self.prefix_valid, self.add = prefix, prefix_valid, add
+        self.perm, self.pos_perm = perm, pos_perm
+        self.inv_perm = torch.argsort(perm)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.perm.shape[0]
 
     @property
     def prefix_len(self) -> int:
@@ -47,36 +57,49 @@ class FlowBlock(nn.Module):
         self.proj_out = nn.Linear(width, 2 * token_dim if affine else token_dim)
         nn.init.zeros_(self.proj_out.weight)  # every block starts as the identity map
         nn.init.zeros_(self.proj_out.bias)
-        perm = torch.arange(num_tokens).flip(0) if reverse_order else torch.arange(num_tokens)
-        self.register_buffer("perm", perm, persistent=False)
-        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        self.reverse_order = reverse_order
+        self.gradient_checkpointing = False  # set by the trainer: recompute each layer in backward
 
     @property
     def conditional(self) -> bool:
         return self.condition is not None
 
     # ---- condition -------------------------------------------------------------------------
-    def context(self, cond: Condition | None, batch: int, device) -> Context:
+    def order(self, num_tokens: int, device) -> torch.Tensor:
+        """The block's permutation π of token indices: identity, or reversed for odd blocks."""
+        perm = torch.arange(num_tokens, device=device)
+        return perm.flip(0) if self.reverse_order else perm
+
+    def context(self, cond: Condition | None, batch: int, device, pos: torch.Tensor | None = None) -> Context:
+        """``pos``: position ids of the L tokens in canonical order (default: the full grid 0..L-1)."""
+        if pos is None:
+            pos = torch.arange(self.num_tokens, device=device)
+        perm = self.order(pos.shape[0], device)
+        layout = dict(perm=perm, pos_perm=pos[perm])
         if self.condition is None:
-            return Context()
+            return Context(**layout)
         tokens, valid = self.condition(cond, batch, device)
         if self.cond_mode == "add":
-            return Context(add=tokens[:, 0])
-        return Context(prefix=tokens, prefix_valid=valid)
+            return Context(**layout, add=tokens[:, 0])
+        return Context(**layout, prefix=tokens, prefix_valid=valid)
 
     # ---- shared pieces ---------------------------------------------------------------------
     def _embed(self, x_perm: torch.Tensor, start: int, ctx: Context) -> torch.Tensor:
         """Token embeddings for permuted tokens at (permuted) indices start..start+T-1."""
         T = x_perm.shape[1]
-        h = self.proj_in(x_perm) + self.pos_embed[self.perm[start:start + T]]
+        h = self.proj_in(x_perm) + self.pos_embed[ctx.pos_perm[start:start + T]]
         if ctx.add is not None:
             h = h + ctx.add[:, None]
         return h
 
     def _run(self, h, start_pos: int, ctx: Context, caches: list[KVCache] | None):
-        mask = attention_mask(start_pos, h.shape[1], ctx.key_valid(self.num_tokens), h.device)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, mask, None if caches is None else caches[i], start_pos)
+        mask = attention_mask(start_pos, h.shape[1], ctx.key_valid(ctx.num_tokens), h.device)
+        if self.gradient_checkpointing and caches is None and self.training and torch.is_grad_enabled():
+            for layer in self.layers:
+                h = checkpoint(layer, h, mask, None, start_pos, use_reentrant=False)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, mask, None if caches is None else caches[i], start_pos)
         out = self.proj_out(h)
         return out if out.dtype == torch.float64 else out.float()  # flow arithmetic in >= fp32
 
@@ -104,16 +127,17 @@ class FlowBlock(nn.Module):
             return out[:, P - 1:P - 1 + x_perm.shape[1]]
         return torch.cat([self.zero_output(B, x_perm.device), out[:, :-1]], dim=1)
 
-    def forward(self, x: torch.Tensor, cond: Condition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cond: Condition | None = None, pos: torch.Tensor | None = None):
         """x [B, L, D] in canonical token order -> (z [B, L, D] canonical order, logdet [B])."""
-        x_perm = x[:, self.perm]
-        mu, alpha = self.split(self.predict(x_perm, self.context(cond, x.shape[0], x.device)))
+        ctx = self.context(cond, x.shape[0], x.device, pos)
+        x_perm = x[:, ctx.perm]
+        mu, alpha = self.split(self.predict(x_perm, ctx))
         z = (x_perm - mu) * torch.exp(-alpha)
-        return z[:, self.inv_perm], -alpha.sum(dim=(1, 2))
+        return z[:, ctx.inv_perm], -alpha.sum(dim=(1, 2))
 
     # ---- sampling: incremental decoding with a key/value cache -----------------------------
     def new_caches(self, ctx: Context) -> list[KVCache]:
-        return [KVCache(ctx.prefix_len + self.num_tokens) for _ in self.layers]
+        return [KVCache(ctx.prefix_len + ctx.num_tokens) for _ in self.layers]
 
     def prefill(self, ctx: Context, caches: list[KVCache], batch: int, device) -> torch.Tensor:
         """Consume the prefix; return the raw output predicting token 0, [B, 1, out]."""

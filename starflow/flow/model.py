@@ -64,14 +64,26 @@ class STARFlow(nn.Module, PretrainedMixin):
         p = self.config.patch_size
         return rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
 
-    def unpatchify(self, t: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, t: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         p, side = self.config.patch_size, self.config.image_size // self.config.patch_size
-        return rearrange(t, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=side, w=side, p1=p, p2=p)
+        h, w = grid or (side, side)
+        return rearrange(t, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=h, w=w, p1=p, p2=p)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected images of shape [B, {', '.join(map(str, self.image_shape))}], "
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Validate an image batch; return its token grid (rows, cols)."""
+        c = self.config
+        sizes = c.image_sizes()
+        if x.ndim != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) not in sizes:
+            also = f" (or a bucket size {sizes[1:]})" if len(sizes) > 1 else ""
+            raise ValueError(f"expected images of shape [B, {', '.join(map(str, self.image_shape))}]{also}, "
                              f"got {list(x.shape)}")
+        return x.shape[2] // c.patch_size, x.shape[3] // c.patch_size
+
+    def positions(self, grid: tuple[int, int], device) -> torch.Tensor:
+        """Position ids of an h x w token grid inside the model's square position table (row-major)."""
+        side = self.config.image_size // self.config.patch_size
+        rows = torch.arange(grid[0], device=device)[:, None] * side
+        return (rows + torch.arange(grid[1], device=device)[None, :]).flatten()
 
     # ---- conditions ------------------------------------------------------------------------
     def make_condition(self, batch: int, y=None, text=None, device=None) -> Condition | None:
@@ -106,40 +118,50 @@ class STARFlow(nn.Module, PretrainedMixin):
     # ---- data -> noise -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None):
         """Images x [B, C, H, W] -> (noise z of the same shape, log|det dz/dx| per example [B])."""
-        self.check_input(x)
+        grid = self.check_input(x)
+        pos = self.positions(grid, x.device)
         if cond is None:
             cond = self.make_condition(x.shape[0], y, text, x.device)
         h = self.patchify(_at_least_fp32(x))
         logdet = torch.zeros(x.shape[0], device=x.device)
         for block in self.blocks:
-            h, ld = block(h, cond if block.conditional else None)
+            h, ld = block(h, cond if block.conditional else None, pos)
             logdet = logdet + ld
-        return self.unpatchify(h), logdet
+        return self.unpatchify(h, grid), logdet
 
     def log_prob(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """Exact log-density log p(x) in nats, per example."""
         z, logdet = self.forward(x, y, text, cond)
-        return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * self.dims * LOG_2PI + logdet
+        return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
 
     def nll(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
         """Negative log-likelihood in nats per dimension, per example."""
-        return -self.log_prob(x, y, text) / self.dims
+        return -self.log_prob(x, y, text) / x[0].numel()
 
-    def loss(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
-        """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob."""
+    def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob.
+
+        ``cond_drop`` ([B] bool, True = use the null condition) replaces the internal draw, so a caller can
+        draw the mask for a whole global batch and hand each data-parallel rank its slice."""
         cond = self.make_condition(x.shape[0], y, text, x.device)
+        if cond_drop is not None and (cond_drop.ndim != 1 or cond_drop.shape[0] != x.shape[0]):
+            raise ValueError(f"cond_drop must be a [{x.shape[0]}] bool mask, got shape {list(cond_drop.shape)}")
         if cond is not None and self.training and self.config.cond_drop_prob > 0:
             keep = cond.drop_mask()
-            drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            if cond_drop is None:
+                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            else:
+                drop = cond_drop.to(device=x.device, dtype=torch.bool)
             cond = Condition(cond.labels, cond.text, cond.text_mask, keep | drop)
-        return (-self.log_prob(x, cond=cond) / self.dims).mean()
+        return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
 
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
                 sampler: str = "sequential", **sampler_kwargs) -> torch.Tensor:
         """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional block is guided."""
-        self.check_input(z)
+        grid = self.check_input(z)
+        pos = self.positions(grid, z.device)
         check_guidance(guidance, guidance_rule)
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
@@ -152,22 +174,29 @@ class STARFlow(nn.Module, PretrainedMixin):
         for block in reversed(self.blocks):
             use = cond if block.conditional else None
             rows = 2 * B if (guided and block.conditional) else B
-            ctx = block.context(use, rows, z.device)
+            ctx = block.context(use, rows, z.device, pos)
             h = invert_block(block, h, ctx, guided and block.conditional, opts, self.last_jacobi_iterations)
-        return self.unpatchify(h)
+        return self.unpatchify(h, grid)
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,
-               device=None, **inverse_kwargs) -> torch.Tensor:
-        """Draw n samples (model space, e.g. [-1, 1] pixels). Extra arguments go to ``inverse``."""
+               device=None, size: tuple[int, int] | None = None, **inverse_kwargs) -> torch.Tensor:
+        """Draw n samples (model space, e.g. [-1, 1] pixels) of ``size`` (H, W): the square default or an
+        aspect-ratio bucket. Extra arguments go to ``inverse``."""
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        c = self.config
+        size = tuple(size) if size is not None else (c.image_size, c.image_size)
+        if size not in c.image_sizes():
+            raise ValueError(f"size {list(size)} is not one of the model's sizes {c.image_sizes()}")
         device = device or self.prior_var.device
-        z = torch.randn((n, self.config.num_tokens, self.config.token_dim), generator=generator, device=device)
-        z = z * temperature * self.prior_var.sqrt()
-        return self.inverse(self.unpatchify(z), y, text, **inverse_kwargs)
+        grid = (size[0] // c.patch_size, size[1] // c.patch_size)
+        pos = self.positions(grid, device)
+        z = torch.randn((n, pos.shape[0], c.token_dim), generator=generator, device=device)
+        z = z * temperature * self.prior_var[pos].sqrt()
+        return self.inverse(self.unpatchify(z, grid), y, text, **inverse_kwargs)
 
     # ---- pixel likelihood ----------------------------------------------------------------------
     def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None) -> torch.Tensor:
