@@ -378,6 +378,19 @@ def test_committed_finetuned_decoder_shares_encoder_and_reads_noisy_latents():
     assert check_encoder_identical(default_autoencoder_dir("mnist"), default_autoencoder_dir("mnist_ft")) > 0
     base, ft = load_default_autoencoder("mnist"), load_default_autoencoder("mnist_ft")
     assert ft.decoder_noise_sigma == 0.3 and ft.scaling_factor == base.scaling_factor
+    assert ft.encoder_fingerprint() == base.encoder_fingerprint()
     test = DigitsDataset("mnist", "test").images[:100]
     # the fine-tuned decoder is better on σ=0.3-noisy latents than the original one
     assert reconstruction_psnr(ft, test, sigma=0.3) > reconstruction_psnr(base, test, sigma=0.3)
+
+
+@pytest.mark.skipif(not (_shipped("mnist") and _shipped("mnist_ft")), reason="MNIST autoencoders not committed yet")
+def test_build_latent_dataset_shared_between_base_and_finetuned(tmp_path):
+    from starflow.data.latents import build_latent_dataset
+
+    a = build_latent_dataset("mnist", "test", autoencoder="mnist", cache_dir=str(tmp_path))
+    assert not a.from_cache and a.latent_shape == (4, 7, 7) and len(a) == 500 and a.labels.dtype == torch.long
+    b = build_latent_dataset("mnist", "test", autoencoder="mnist_ft", cache_dir=str(tmp_path))
+    assert b.from_cache and torch.equal(a.latents, b.latents)  # same encoder -> same cache
+    with pytest.raises(ValueError, match="3-channel"):
+        build_latent_dataset("mnist", "test", autoencoder=Autoencoder(tiny_vae(in_ch=3)), cache_dir=False)

@@ -27,6 +27,20 @@ def default_cache_dir() -> str:
     return os.environ.get("STARFLOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "starflow", "latents"))
 
 
+def load_named_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3):
+    """``mnist``, ``digits``, ``folder:PATH`` (via ``starflow.data.build_dataset``) or ``shapes[:N_TRAIN]``
+    (synthetic captioned scenes; train split N_TRAIN = 10,000 scenes by default, test split 500)."""
+    if name == "shapes" or name.startswith("shapes:"):
+        from starflow.data.shapes import ShapesDataset
+
+        n_train = int(name.split(":", 1)[1]) if ":" in name else 10_000
+        kw = {"image_size": image_size} if image_size else {}
+        return ShapesDataset(split=split, size=n_train if split == "train" else 500, **kw)
+    from starflow.data.registry import build_dataset
+
+    return build_dataset(name, split, image_size=image_size, channels=channels)
+
+
 def add_latent_noise(z: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """z + σ·ε with ε ~ N(0, I) (STARFlow's noise injection; official σ = 0.3 on unit-variance latents)."""
     if sigma < 0:
@@ -166,3 +180,19 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, i):
         return self.latents[i], self.labels[i]
+
+
+def build_latent_dataset(name: str, split: str = "train", autoencoder="mnist", cache_dir: str | None | bool = None,
+                         flip: bool = False, device=None, image_size: int | None = None) -> LatentDataset:
+    """Latent dataset of a named dataset. ``autoencoder``: an ``Autoencoder``, a shipped name
+    (``mnist``, ``mnist_ft``, ``shapes``, ...) or a diffusers directory (``--vae PATH``)."""
+    from starflow.autoencoder import Autoencoder, resolve_autoencoder
+
+    ds = load_named_dataset(name, split, image_size=image_size)
+    if not isinstance(autoencoder, Autoencoder):
+        autoencoder = resolve_autoencoder(str(autoencoder), device=device)
+    c = dataset_images(ds).shape[1]
+    if c != autoencoder.image_channels:
+        raise ValueError(f"dataset {name!r} has {c}-channel images but the autoencoder expects "
+                         f"{autoencoder.image_channels}-channel images")
+    return LatentDataset(autoencoder, ds, name, split, cache_dir=cache_dir, flip=flip)

@@ -252,21 +252,11 @@ def config_to_dict(cfg) -> dict:
 
 
 def load_images(name: str, split: str, image_size: int | None = None, channels: int = 3) -> tuple[torch.Tensor, object]:
-    """uint8 images [N,C,H,W] of a named dataset (``mnist``, ``digits``, ``shapes``, ``folder:PATH``)."""
-    from starflow.data.latents import dataset_images
-    from starflow.data.registry import build_dataset
+    """uint8 images [N,C,H,W] of a named dataset (``mnist``, ``digits``, ``shapes[:N]``, ``folder:PATH``)."""
+    from starflow.data.latents import dataset_images, load_named_dataset
 
-    if name == "shapes" or name.startswith("shapes:"):
-        # shapes[:N_TRAIN]: synthetic captioned scenes; the test split is 500 scenes from the test seed
-        from starflow.data.shapes import ShapesDataset
-
-        n_train = int(name.split(":", 1)[1]) if ":" in name else 10_000
-        kw = {"image_size": image_size} if image_size else {}
-        ds = ShapesDataset(split=split, size=n_train if split == "train" else 500, **kw)
-    else:
-        ds = build_dataset(name, split, image_size=image_size, channels=channels)
+    ds = load_named_dataset(name, split, image_size=image_size, channels=channels)
     imgs = dataset_images(ds)
     if imgs.dtype != torch.uint8:
         raise ValueError(f"dataset {name!r} returned {imgs.dtype} images; expected uint8 [N,C,H,W]")
     return imgs, ds
-
