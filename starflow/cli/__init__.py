@@ -15,6 +15,10 @@ COMMANDS = {
     "eval": "eval",
     "train-autoencoder": "train_autoencoder",
     "finetune-decoder": "finetune_decoder",
+    "encode": "encode",
+    "decode": "decode",
+    "inpaint": "inpaint",
+    "edit": "edit",
 }
 
 
