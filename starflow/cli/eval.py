@@ -58,9 +58,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     from starflow.models import load_pretrained  # lazy: written alongside this module
 
-    model = load_pretrained(args.checkpoint)
+    model = load_pretrained(args.checkpoint, map_location=str(device))
     if hasattr(model, "to"):
-        model = model.to(device)
+        model = model.to(device) or model
     if hasattr(model, "eval"):
         model.eval()
     log = None if args.quiet else (lambda msg: print(msg, flush=True))

@@ -16,7 +16,9 @@ Metrics (``--metrics``):
 * ``acc`` — conditional accuracy of class-conditional samples (labels ``arange(N) % 10``, balanced)
   under the project's MNIST classifier; n/a for unconditional models or other datasets.
 * ``nll`` — test-split NLL with a 95% Student-t confidence interval: ``nats_per_dim`` from
-  ``model.nll`` on test images in [-1, 1] (not dequantised; latent dims for latent models) and
+  ``model.nll`` on the model's space — test images in [-1, 1] for pixel models (not dequantised), their
+  normalised latents ``model.autoencoder.encode(x)`` for latent models; for a model trained on noisy
+  data (``model.noise_std`` > 0) seeded N(0, noise_std^2) noise is added first, as in training — and
   ``bits_per_dim`` from ``model.bits_per_dim`` (uniform dequantisation, pixel models).
 
 ``fd``, ``fid`` and ``pr`` also report a *real baseline*: the same metric for N real images from the
@@ -44,7 +46,7 @@ JSON schema (``schema: "starflow.eval/1"``)::
                 "real_baseline": {"precision": float, "recall": float, "n_real": int, "split": "train"} | null},
         "acc": {"accuracy": float, "n": int, "per_class": [float], "labels": str,
                 "classifier_test_accuracy": float | null},
-        "nll": {"split": str, "conditioned_on_labels": bool,
+        "nll": {"split": str, "conditioned_on_labels": bool, "space": "pixel" | "latent", "noise_std": float,
                 "nats_per_dim": {"mean", "std", "sem", "ci95": [lo, hi], "confidence", "n", "unit"} | null,
                 "bits_per_dim": {... same} | null,
                 "reasons": {"nats_per_dim"?: str, "bits_per_dim"?: str}}
@@ -95,6 +97,9 @@ def _num_classes(model) -> int:
 
 
 def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
@@ -283,14 +288,25 @@ def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, dev
         images = images[idx]
         labels = labels[idx] if labels is not None else None
     use_labels = labels if nc > 0 else None
+    ae = getattr(model, "autoencoder", None)
+    noise_std = float(getattr(model, "noise_std", 0.0) or 0.0)
     out = {"status": "n/a", "split": split, "conditioned_on_labels": use_labels is not None,
+           "space": "latent" if ae is not None else "pixel", "noise_std": noise_std,
            "nats_per_dim": None, "bits_per_dim": None, "reasons": {}}
 
     def to_dev(y):
         return None if y is None else y.to(device)
 
+    def nats(x, y):
+        v = (x.float() / 127.5 - 1.0).to(device)
+        if ae is not None:  # a latent model's density lives on (normalised) latents
+            v = ae.encode(v)
+        if noise_std > 0:  # the model was fit to data + N(0, noise_std^2): score what it models
+            v = v + noise_std * torch.randn_like(v)
+        return model.nll(v, to_dev(y))
+
     parts = {
-        "nats_per_dim": ("nll", lambda x, y: model.nll((x.float() / 127.5 - 1.0).to(device), to_dev(y)), "nats/dim"),
+        "nats_per_dim": ("nll", nats, "nats/dim"),
         "bits_per_dim": ("bits_per_dim", lambda x, y: model.bits_per_dim(x.to(device), to_dev(y)), "bits/dim"),
     }
     for key, (attr, fn, unit) in parts.items():
@@ -349,13 +365,15 @@ def format_table(report: dict) -> str:
             rows.append(("cond. accuracy", "n/a", r["reason"]))
     if "nll" in m:
         r = m["nll"]
-        for key, label in (("nats_per_dim", "NLL nats/dim"), ("bits_per_dim", "NLL bits/dim")):
+        space = r.get("space", "pixel")
+        for key, label in (("nats_per_dim", f"NLL nats/dim ({space})"), ("bits_per_dim", "NLL bits/dim")):
             s = r.get(key)
             if s is None:
                 rows.append((label, "n/a", r["reasons"].get(key, "")))
             else:
+                extra = f", +N(0, {r['noise_std']:g}^2) noise" if key == "nats_per_dim" and r.get("noise_std") else ""
                 rows.append((label, f"{s['mean']:.4f}",
-                             f"95% CI [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], n={s['n']} {r['split']} images"))
+                             f"95% CI [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], n={s['n']} {r['split']} images{extra}"))
     w = [max(len(str(row[i])) for row in rows) for i in range(2)]
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}".rstrip() for a, b, c in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
@@ -392,7 +410,7 @@ _METRIC_KEYS = {
     "fid": {"name", "value", "n_gen", "n_ref", "feature_dim", "singular_covariance", "estimator", "real_baseline"},
     "pr": {"precision", "recall", "k", "n_gen", "n_ref", "real_baseline"},
     "acc": {"accuracy", "n", "per_class", "labels", "classifier_test_accuracy"},
-    "nll": {"split", "conditioned_on_labels", "nats_per_dim", "bits_per_dim", "reasons"},
+    "nll": {"split", "conditioned_on_labels", "space", "noise_std", "nats_per_dim", "bits_per_dim", "reasons"},
 }
 _STAT_KEYS = {"mean", "std", "sem", "ci95", "confidence", "n", "unit"}
 
