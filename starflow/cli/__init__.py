@@ -15,6 +15,8 @@ COMMANDS = {
     "eval": "eval",
     "train-autoencoder": "train_autoencoder",
     "finetune-decoder": "finetune_decoder",
+    "serve": "serve",
+    "plot": "plot",
     "encode": "encode",
     "decode": "decode",
     "inpaint": "inpaint",

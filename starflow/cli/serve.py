@@ -1,0 +1,59 @@
+"""``starflow serve``: the browser demo (starflow/app.py) on http://127.0.0.1:7860 by default.
+
+Needs the ``app`` extra (``pip install -e ".[app]"``: gradio). Binds to 127.0.0.1 unless ``--host``
+says otherwise; never creates a public share link."""
+from __future__ import annotations
+
+import os
+
+from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+
+
+def add_parser(sub, name):
+    p = sub.add_parser(name, help="start the web demo (Gradio) on localhost")
+    p.add_argument("--checkpoint", help="class-conditional (or unconditional) model for the Digits tab "
+                                        "(default: the shipped MNIST model); a text-conditional directory "
+                                        "here is used for the text tab")
+    p.add_argument("--text-checkpoint", help="text-to-image model (default: the shipped shapes model)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--concurrency", type=int, default=1, help="model requests run at once; the rest queue")
+    p.add_argument("--queue-size", type=int, default=32, help="requests that may wait; more are refused")
+    add_device_arg(p)
+    add_threads_arg(p)
+    return p
+
+
+def resolve_checkpoints(checkpoint: str | None, text_checkpoint: str | None) -> tuple[str | None, str | None]:
+    """The given directories, or the shipped models that exist. Raises when there is nothing to serve."""
+    from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
+
+    for path in (checkpoint, text_checkpoint):
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist")
+    if checkpoint is None and text_checkpoint is None:
+        checkpoint = DEFAULT_DIGITS_MODEL if os.path.isdir(DEFAULT_DIGITS_MODEL) else None
+        text_checkpoint = DEFAULT_TEXT_MODEL if os.path.isdir(DEFAULT_TEXT_MODEL) else None
+        if checkpoint is None and text_checkpoint is None:
+            raise FileNotFoundError(f"no shipped model found ({DEFAULT_DIGITS_MODEL}, {DEFAULT_TEXT_MODEL}); "
+                                    "pass --checkpoint and/or --text-checkpoint")
+    return checkpoint, text_checkpoint
+
+
+def run(args) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.concurrency < 1 or args.queue_size < 1:
+        raise ValueError("--concurrency and --queue-size must be >= 1")
+    apply_threads(args.threads)
+    checkpoint, text_checkpoint = resolve_checkpoints(args.checkpoint, args.text_checkpoint)
+    try:
+        from starflow import app
+    except ImportError as e:
+        raise FileNotFoundError(f"the web demo needs gradio: pip install -e '.[app]' ({e})") from None
+    demo = app.Demo.from_dirs(checkpoint, text_checkpoint, device=resolve_device(args.device))
+    blocks = app.build_app(demo, concurrency=args.concurrency, queue_size=args.queue_size)
+    print(f"starflow demo on http://{args.host}:{args.port} (text model: {text_checkpoint or '-'}, "
+          f"class model: {checkpoint or '-'}); Ctrl+C stops it", flush=True)
+    app.launch(blocks, host=args.host, port=args.port, block=True)
+    return 0
