@@ -15,6 +15,11 @@ on how long the other prompts of its batch are (batched and alone give the same 
 our tests). The returned tensors are then trimmed to the longest prompt of the request (or kept at
 ``max_length`` with ``pad_to_max_length=True``).
 
+Bad input: an empty or whitespace-only prompt raises ``ValueError("empty prompt")``; a prompt longer than
+``max_length`` tokens (special tokens included) is truncated with a ``UserWarning`` that says how many
+tokens were dropped (issued when the caption is first encoded, not on later cache hits); unknown words
+are the tokenizer's business (word pieces or the unknown token), never an error.
+
 Cache: the states of each caption string are kept (an LRU of ``cache_size`` captions, on CPU) and
 returned for repeated captions without running the model; ``cache_info()`` counts hits and misses.
 ``encode_dataset`` encodes a caption list once (each unique caption one time) without going through the
