@@ -22,12 +22,19 @@ from starflow.flops import measure_matmul_peak, sampling_flops
 from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
     fn()  # warm-up
     best, out = float("inf"), None
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         out = fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best, out
 
@@ -57,21 +64,28 @@ def main(argv=None):
     p.add_argument("--jacobi-window", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--official-path", help="folder containing the official transformer_flow.py")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="sample under bf16 autocast (GPU)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_pretrained(args.checkpoint)
+    device = torch.device(args.device)
+    model = load_pretrained(args.checkpoint, map_location=device).model
     c = model.config
-    peak = measure_matmul_peak()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = measure_matmul_peak(dtype=dtype, device=args.device, n=1024 if device.type == "cpu" else 8192)
+    where = f"threads={args.threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"model {args.checkpoint}: {model.num_params() / 1e6:.2f}M params, {c.num_tokens} tokens x {c.token_dim} dims, "
-          f"blocks {c.block_layers()}; threads={args.threads}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+          f"blocks {c.block_layers()}; {where}; {'bf16' if args.bf16 else 'fp32'} matmul peak {peak / 1e9:.1f} GFLOP/s")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast.__enter__()
     rows = []
     header = f"{'batch':>5} {'naive img/s':>12} {'cached img/s':>13} {'jacobi img/s':>13} {'cached/naive':>13} {'jacobi/cached':>14} {'max|jac-seq|':>13} {'sweeps':>14} {'cached %peak':>13}"
     print(header)
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(0)
-        z = torch.randn((B, *model.image_shape), generator=g)
-        y = torch.arange(B) % c.num_classes if c.num_classes else None
+        z = torch.randn((B, *model.image_shape), generator=g).to(device)
+        y = (torch.arange(B) % c.num_classes).to(device) if c.num_classes else None
         t_cached, x_seq = timed(lambda: model.inverse(z, y), args.repeats)
         t_jac, x_jac = timed(lambda: model.inverse(z, y, sampler="jacobi", jacobi_threshold=args.jacobi_threshold,
                                                    jacobi_window=args.jacobi_window), args.repeats)
