@@ -1,4 +1,8 @@
-"""``starflow train``: train a model from a YAML recipe (configs/*.yaml), resumable."""
+"""``starflow train``: train a model from a YAML recipe (configs/*.yaml), resumable.
+
+Runs unchanged under ``torchrun`` (one process per GPU, or ``--nproc_per_node N`` CPU processes on
+gloo): see docs/training_on_many_gpus.md. Exit status 128 + signal number (143 for SIGTERM, 130 for
+SIGINT) after an interruption that saved a checkpoint; ``--resume auto`` continues from it."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +20,8 @@ def add_parser(sub, name):
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in out-dir) or a checkpoint folder")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set model.width=64 (value parsed as YAML)")
+    p.add_argument("--distributed", choices=["ddp", "fsdp"],
+                   help="under torchrun: replicate (ddp, default) or fully shard (fsdp) the model; overrides train.distributed")
     add_device_arg(p)
     add_threads_arg(p)
     return p
@@ -35,8 +41,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from starflow.config import load_run_config
+    from starflow.train import distributed
     from starflow.train.build import build_trainer
+    from starflow.train.trainer import TrainingInterrupted
 
     apply_threads(args.threads)
     overrides = parse_overrides(args.set)
@@ -44,13 +54,28 @@ def run(args: argparse.Namespace) -> int:
         overrides["train.out_dir"] = args.out_dir
     if args.steps:
         overrides["train.steps"] = args.steps
+    if args.distributed:
+        overrides["train.distributed"] = args.distributed
     overrides["train.device"] = args.device
     run_cfg = load_run_config(args.config, overrides)
-    trainer = build_trainer(run_cfg)
-    m = trainer.model
-    print(f"model: {run_cfg.model_type}, {m.num_params() / 1e6:.2f}M parameters; dataset {run_cfg.train.dataset} "
-          f"({len(trainer.dataset)} examples, {'latent' if run_cfg.train.autoencoder else 'pixel'} space); "
-          f"device {trainer.device}")
-    out = trainer.train(resume=args.resume)
-    print(f"saved model to {out}")
-    return 0
+    try:
+        trainer = build_trainer(run_cfg)
+        main = trainer.is_main
+        if main:
+            n = trainer.model.num_params() if hasattr(trainer.model, "num_params") else 0
+            world = trainer.dist.world_size
+            print(f"model: {run_cfg.model_type}, {n / 1e6:.2f}M parameters; dataset {run_cfg.train.dataset} "
+                  f"({len(trainer.dataset)} examples, {'latent' if run_cfg.train.autoencoder else 'pixel'} space); "
+                  f"device {trainer.device}" + (f"; {world} ranks, {run_cfg.train.distributed}" if world > 1 else ""),
+                  flush=True)
+        try:
+            out = trainer.train(resume=args.resume)
+        except TrainingInterrupted as e:
+            if main:
+                print(f"{e}; continue with --resume auto", file=sys.stderr)
+            return 128 + int(e.signum)
+        if main:
+            print(f"saved model to {out}")
+        return 0
+    finally:
+        distributed.cleanup()

@@ -3,7 +3,12 @@
 A checkpoint is a folder ``step_0000500/`` holding model, EMA and optimizer tensors (safetensors) and a
 ``manifest.json`` with the step, the training state and a SHA-256 of every file. It is written into a
 temporary folder and renamed into place, so a crash leaves either a complete checkpoint or none; on
-resume a folder whose files do not match its manifest is skipped with a warning.
+resume a folder whose files do not match its manifest is skipped with a warning, and half-written
+``.tmp-step_*`` folders of a killed save are removed. Files are fsynced before the manifest is written
+and the manifest before the rename, so the rename publishes only data that is on disk.
+
+An FSDP checkpoint keeps its model/optimizer/EMA shards in a ``sharded/`` sub-folder written by
+``torch.distributed.checkpoint``; those files are listed (with checksums) in the same manifest.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from starflow.hub import load_safetensors
 from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-step_"
 
 
 def _sha256(path: str) -> str:
@@ -50,46 +56,126 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(root: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], info: dict, keep_last: int) -> str:
-    """Write ``root/step_XXXXXXX`` atomically; ``tensors`` maps a file stem to a state dict."""
+def new_temp_dir(root: str, step: int) -> str:
+    """A fresh ``root/.tmp-step_XXXXXXX-*`` folder to write a checkpoint into before it is renamed."""
     os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{step:07d}-")
+
+
+def write_tensors(folder: str, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """``tensors`` maps a file stem to a state dict; one safetensors file each."""
+    for stem, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(folder, f"{stem}.safetensors"))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _files_under(folder: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            out.append(os.path.relpath(os.path.join(dirpath, n), folder))
+    return sorted(out)
+
+
+def finalize(root: str, tmp: str, step: int, info: dict, keep_last: int) -> str:
+    """Checksum every file in ``tmp`` (sub-folders too, e.g. FSDP's sharded state), write the manifest
+    last, flush to disk, rename to ``root/step_XXXXXXX`` and drop all but the newest ``keep_last``."""
     final = os.path.join(root, f"step_{step:07d}")
-    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-step_")
     try:
         files = {}
-        for stem, sd in tensors.items():
-            path = os.path.join(tmp, f"{stem}.safetensors")
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, path)
-            files[f"{stem}.safetensors"] = _sha256(path)
+        for name in _files_under(tmp):
+            path = os.path.join(tmp, name)
+            _fsync(path)
+            files[name.replace(os.sep, "/")] = _sha256(path)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"step": step, "files": files, **info}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        aside = None
+        if os.path.exists(final):  # same step written again (after a rollback): swap, then delete the old
+            aside = tmp + "-old"
+            os.replace(final, aside)
         os.replace(tmp, final)
+        _fsync(root)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, step, keep_last)
     return final
+
+
+def save_checkpoint(root: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], info: dict, keep_last: int) -> str:
+    """Write ``root/step_XXXXXXX`` atomically; ``tensors`` maps a file stem to a state dict."""
+    tmp = new_temp_dir(root, step)
+    try:
+        write_tensors(tmp, tensors)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finalize(root, tmp, step, info, keep_last)
+
+
+def step_of(path: str) -> int:
+    return int(os.path.basename(path)[len("step_"):])
+
+
+def prune(root: str, step: int, keep_last: int) -> None:
+    """Keep the checkpoint of ``step`` and the ``keep_last - 1`` newest older ones. Folders of later steps
+    (left by an abandoned timeline: a corrupt checkpoint resume skipped, or a rollback) are not counted,
+    so they can never push the checkpoint just written out."""
+    older = [p for p in list_checkpoints(root) if step_of(p) < step]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_temp(root: str) -> list[str]:
+    """Remove half-written ``.tmp-step_*`` folders a killed run left behind (call only when no other
+    process is writing checkpoints into ``root``). Returns what was removed."""
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for n in sorted(os.listdir(root)):
+        if n.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            removed.append(n)
+    if removed:
+        warnings.warn(f"removed {len(removed)} partial checkpoint folder(s) left by an interrupted save: {removed}")
+    return removed
 
 
 def list_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and os.path.isdir(os.path.join(root, n)))
+    names = sorted(n for n in os.listdir(root)
+                   if n.startswith("step_") and n[5:].isdigit() and os.path.isdir(os.path.join(root, n)))
     return [os.path.join(root, n) for n in names]
 
 
-def verify(path: str) -> dict:
-    """Return the manifest if every file is present and matches its checksum; raise otherwise."""
+def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
         raise ValueError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
     with open(mpath) as f:
         manifest = json.load(f)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise ValueError(f"{path}: {MANIFEST} lacks 'step' or 'files'")
+    return manifest
+
+
+def verify(path: str) -> dict:
+    """Return the manifest if every file is present and matches its checksum; raise otherwise."""
+    manifest = read_manifest(path)
     for name, digest in manifest["files"].items():
         fpath = os.path.join(path, name)
         if not os.path.exists(fpath) or _sha256(fpath) != digest:
@@ -97,17 +183,27 @@ def verify(path: str) -> dict:
     return manifest
 
 
-def latest_valid(root: str) -> str | None:
+def latest_valid(root: str, quarantine: bool = False) -> str | None:
+    """The newest checkpoint whose files all match its manifest; corrupt or partial ones are skipped with a
+    warning, and with ``quarantine`` renamed to ``.corrupt-step_*`` so they are kept for inspection but
+    never listed again."""
     for path in reversed(list_checkpoints(root)):
         try:
             verify(path)
             return path
-        except (ValueError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             warnings.warn(f"skipping corrupt checkpoint: {e}")
+            if quarantine:
+                aside = os.path.join(root, ".corrupt-" + os.path.basename(path))
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
     return None
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(manifest, {stem: state dict}) for the top-level safetensors files, after verifying every checksum.
+    A sharded (FSDP) checkpoint's ``sharded/`` folder is read by ``distributed.load_sharded`` instead."""
     manifest = verify(path)
-    tensors = {name[: -len(".safetensors")]: load_safetensors(os.path.join(path, name)) for name in manifest["files"]}
+    tensors = {name[: -len(".safetensors")]: load_safetensors(os.path.join(path, name))
+               for name in manifest["files"] if "/" not in name and name.endswith(".safetensors")}
     return manifest, tensors

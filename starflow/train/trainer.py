@@ -3,13 +3,29 @@
 Exact resume: the batch order of each epoch is a permutation drawn from (seed, epoch), and every
 step re-seeds the global RNG from (seed, step), so step N sees the same batch, dequantisation noise
 and condition dropout whether or not the run was interrupted before it.
+
+Data parallel (``torchrun``, see docs/training_on_many_gpus.md): ``batch_size`` is the *global* batch.
+Every rank draws the randomness of the whole global batch (dequantisation noise, noise augmentation,
+the condition-dropout mask of models whose ``loss`` takes ``cond_drop``) from the same seed and keeps
+its slice, then splits its slice into ``grad_accum_steps`` micro-batches. The per-example randomness
+is therefore the same for any world size and accumulation, and so is the averaged gradient up to
+float summation order. Rank 0 alone logs, writes sample grids, checkpoints and exports.
+
+Fault handling: SIGTERM/SIGINT ask the loop to stop; all ranks agree on it at the next step, save a
+checkpoint of the step reached and raise ``TrainingInterrupted``. Checkpoints are atomic and
+checksummed (checkpoint.py); ``resume="auto"`` removes half-written temp folders and skips (and
+quarantines) corrupt ones. A non-finite loss or gradient skips the step; K in a row roll back to the
+last good checkpoint with the learning rate halved.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -19,8 +35,9 @@ import yaml
 from tqdm import tqdm
 
 from starflow.config import TrainConfig
-from starflow.images import dequantize, save_images
+from starflow.images import save_images
 from starflow.train import checkpoint as ckpt
+from starflow.train import distributed as dist_utils
 from starflow.train.ema import make_ema
 
 
@@ -50,29 +67,73 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TrainingInterrupted(Exception):
+    """Raised by ``Trainer.train`` after a SIGTERM/SIGINT, once the checkpoint of the step reached is saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed for randomness a model draws itself (peers): rank 0 keeps the run's seed, others get their own."""
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, dataset, cfg: TrainConfig, condition_fn=None, preview=None,
                  pipeline_factory=None):
         """``condition_fn(labels) -> kwargs`` for ``model.loss`` (default: class labels when the model has
         classes); ``preview``: kwargs for the sample grids (e.g. ``{"y": ...}`` or ``{"prompt": [...]}``);
-        ``pipeline_factory(model) -> StarflowPipeline`` wraps the EMA model for previews and export."""
+        ``pipeline_factory(model) -> StarflowPipeline`` wraps the EMA model for previews and export.
+
+        Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group and wraps the model in DDP or
+        FSDP (``cfg.distributed``); every rank must build the same model and dataset."""
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = dist_utils.init_distributed(cfg.device)
+        W, A = self.dist.world_size, cfg.grad_accum_steps
+        if cfg.batch_size % (W * A):
+            raise ValueError(f"train.batch_size {cfg.batch_size} (the global batch) must be divisible by "
+                             f"world size {W} x train.grad_accum_steps {A}")
+        self.micro_batch = cfg.batch_size // (W * A)
+        if len(dataset) < cfg.batch_size:
+            raise ValueError(f"dataset has {len(dataset)} examples, fewer than batch_size {cfg.batch_size}")
+        self.model_class = type(model)
         self.model = model.to(self.device)
         self.dataset = dataset
         self.condition_fn = condition_fn or self._default_condition
         self.preview = preview if preview is not None else self._default_preview()
         self.pipeline_factory = pipeline_factory
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if cfg.grad_checkpointing:
+            layers = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+            if not layers:
+                raise ValueError(f"train.grad_checkpointing: {type(model).__name__} has no block that supports it")
+            for m in layers:
+                m.gradient_checkpointing = True
+        if self.dist.enabled:  # one starting point for every rank, whatever each one's init drew
+            with torch.no_grad():
+                for t in list(self.model.parameters()) + list(self.model.buffers()):
+                    torch.distributed.broadcast(t, src=0)
+        self.sharded = self.dist.enabled and cfg.distributed == "fsdp"
         self.ema = make_ema(self.model, cfg.ema_decay)
+        self.wrapped = dist_utils.wrap(self.model, cfg.distributed, self.dist, self.device,
+                                       cfg.ddp_find_unused_parameters)
+        if self.sharded:
+            dist_utils.shard_fully(self.ema.module, self.dist, self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
         self.lr_scale = 1.0  # lowered after a rollback
-        if len(dataset) < cfg.batch_size:
-            raise ValueError(f"dataset has {len(dataset)} examples, fewer than batch_size {cfg.batch_size}")
         self.steps_per_epoch = len(dataset) // cfg.batch_size
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        self._signal: int | None = None      # set by the SIGTERM/SIGINT handler
+        self._stop_agreed = False            # every rank has seen a stop request (set in train_step)
+        self._last_saved: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
 
     def _default_condition(self, y: torch.Tensor) -> dict:
         return {"y": y} if getattr(self.model.config, "num_classes", 0) else {}
@@ -88,137 +149,281 @@ class Trainer:
 
     # ---- data ------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> torch.Tensor:
+        """Indices of the global batch of ``step``."""
         epoch, i = divmod(step, self.steps_per_epoch)
         perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
         return perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
 
-    def get_batch(self, step: int):
-        idx = self.batch_indices(step)
+    def _draws_cond_drop(self) -> bool:
+        """Whether the trainer draws the condition-dropout mask (models whose ``loss`` takes ``cond_drop``)."""
+        c = self.model.config
+        if not (getattr(c, "conditional", False) and getattr(c, "cond_drop_prob", 0) > 0):
+            return False
+        return "cond_drop" in inspect.signature(self.model_class.loss).parameters
+
+    def get_batch(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This rank's micro-batches of the global batch of ``step``: ``[(x, y, cond_drop or None), ...]``.
+
+        Random numbers are drawn from the global RNG for all ``batch_size`` rows in a fixed order
+        (dequantisation noise, noise augmentation, condition-dropout mask) and sliced, so row j gets the
+        same numbers on any world size. Call after seeding the global RNG."""
+        B, A, mb = self.cfg.batch_size, self.cfg.grad_accum_steps, self.micro_batch
+        lo = self.dist.rank * A * mb
+        idx = self.batch_indices(step)[lo:lo + A * mb]
         if hasattr(self.dataset, "get_batch"):
             x, y = self.dataset.get_batch(idx)
         else:
             items = [self.dataset[int(i)] for i in idx]
             x = torch.stack([it[0] for it in items])
             y = torch.stack([torch.as_tensor(it[1]) for it in items])
-        x = x.to(self.device)
-        x = dequantize(x) if x.dtype == torch.uint8 else x.float()
+        x, y = x.to(self.device), y.to(self.device)
+        shape = (B, *x.shape[1:])
+        rows = slice(lo, lo + A * mb)
+        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.images.dequantize
+            x = (x.float() + torch.rand(shape, device=self.device)[rows]) / 128.0 - 1.0
+        else:
+            x = x.float()
         if self.cfg.noise_std > 0:
-            x = x + self.cfg.noise_std * torch.randn_like(x)
-        return x, y.to(self.device)
+            x = x + self.cfg.noise_std * torch.randn(shape, device=self.device)[rows]
+        drop = None
+        if self._draws_cond_drop():
+            drop = (torch.rand(B, device=self.device) < self.model.config.cond_drop_prob)[rows]
+        return [(x[m * mb:(m + 1) * mb], y[m * mb:(m + 1) * mb], None if drop is None else drop[m * mb:(m + 1) * mb])
+                for m in range(A)]
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _info(self) -> dict:
+        return {"lr_scale": self.lr_scale, "train_config": asdict(self.cfg),
+                "format": "sharded" if self.sharded else "full", "world_size": self.dist.world_size}
+
     def save(self) -> str:
-        opt_tensors, opt_rest = ckpt.flatten_optimizer(self.opt.state_dict())
-        info = {"lr_scale": self.lr_scale, "optimizer": opt_rest, "train_config": asdict(self.cfg)}
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step,
-                                    {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": opt_tensors},
-                                    info, self.cfg.keep_last)
+        """Checkpoint the current step (collective under torchrun). Returns the folder on every rank."""
+        if self.sharded:
+            tmp = dist_utils.broadcast_object(ckpt.new_temp_dir(self.ckpt_dir, self.step) if self.is_main else None, self.dist)
+            dist_utils.save_sharded(os.path.join(tmp, "sharded"), self.model, self.opt, self.ema)
+            dist_utils.barrier(self.dist)
+            path = ckpt.finalize(self.ckpt_dir, tmp, self.step, self._info(), self.cfg.keep_last) if self.is_main else None
+        else:
+            path = None
+            if self.is_main:
+                opt_tensors, opt_rest = ckpt.flatten_optimizer(self.opt.state_dict())
+                path = ckpt.save_checkpoint(self.ckpt_dir, self.step,
+                                            {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                                             "optimizer": opt_tensors},
+                                            {**self._info(), "optimizer": opt_rest}, self.cfg.keep_last)
+        self._last_saved = self.step
+        return dist_utils.broadcast_object(path, self.dist)
 
     def load(self, path: str) -> None:
-        manifest, tensors = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(tensors["model"])
-        self.ema.load_state_dict(tensors["ema"])
-        self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors["optimizer"], manifest["optimizer"]))
+        """Load a checkpoint folder (collective under torchrun; every rank passes the same path)."""
+        if self.sharded:
+            manifest = ckpt.verify(path) if self.is_main else ckpt.read_manifest(path)
+            if manifest.get("format") != "sharded":
+                raise ValueError(f"{path} holds a full (single-process/DDP) checkpoint but train.distributed is "
+                                 "'fsdp'; resume it with DDP or one process")
+            dist_utils.load_sharded(os.path.join(path, "sharded"), self.model, self.opt, self.ema)
+        else:
+            manifest, tensors = ckpt.load_checkpoint(path)
+            if manifest.get("format", "full") != "full":
+                raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it under torchrun with "
+                                 "train.distributed: fsdp (any world size)")
+            self.model.load_state_dict(tensors["model"])
+            self.ema.load_state_dict(tensors["ema"])
+            self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors["optimizer"], manifest["optimizer"]))
         self.step = manifest["step"]
         self.lr_scale = manifest.get("lr_scale", 1.0)
+        self._last_saved = self.step
+
+    def _latest(self) -> str | None:
+        """Rank 0 picks the newest valid checkpoint (corrupt ones quarantined); every rank gets its path."""
+        path = ckpt.latest_valid(self.ckpt_dir, quarantine=True) if self.is_main else None
+        return dist_utils.broadcast_object(path, self.dist)
 
     def resume(self, resume: str | None) -> None:
         if not resume:
             return
-        path = ckpt.latest_valid(self.ckpt_dir) if resume == "auto" else resume
+        if resume == "auto" and self.is_main:
+            ckpt.clean_temp(self.ckpt_dir)
+        path = self._latest() if resume == "auto" else resume
         if path is None:
-            print(f"no valid checkpoint under {self.ckpt_dir}; starting from step 0", file=sys.stderr)
+            if self.is_main:
+                print(f"no valid checkpoint under {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return
         self.load(path)
-        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            self.log({"step": self.step, "event": "resume", "checkpoint": path, "time": time.time()})
 
     # ---- logging & samples -------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        """Append one JSON line (rank 0 only). One write call per line, and a line cut off by a kill is
+        closed before the next, so every complete line stays parseable."""
+        if not self.is_main:
+            return
         os.makedirs(self.cfg.out_dir, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with open(self.log_path, "ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
+
+    def _export_module(self) -> torch.nn.Module | None:
+        """The EMA model as a plain module on rank 0 (None elsewhere). Under FSDP its shards are gathered
+        (a collective every rank must enter)."""
+        if not self.sharded:
+            return self.ema.module if self.is_main else None
+        full = dist_utils.full_state_on_rank0(self.ema.module)
+        if not self.is_main:
+            return None
+        plain = self.model_class(self.model.config)
+        plain.load_state_dict(full)
+        return plain.to(self.device).eval()
 
     def save_samples(self) -> None:
-        pipe = self.pipeline(self.ema.module)
-        kwargs = dict(self.preview)
-        n = len(kwargs["y"]) if "y" in kwargs else len(kwargs["prompt"]) if "prompt" in kwargs else 16
-        if "y" in kwargs:
-            kwargs["y"] = kwargs["y"].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            images = pipe.sample(n, generator=torch.Generator(self.device).manual_seed(0), device=self.device, **kwargs)
+        module = self._export_module()
+        if self.is_main:
+            pipe = self.pipeline(module)
+            kwargs = dict(self.preview)
+            n = len(kwargs["y"]) if "y" in kwargs else len(kwargs["prompt"]) if "prompt" in kwargs else 16
+            if "y" in kwargs:
+                kwargs["y"] = kwargs["y"].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                images = pipe.sample(n, generator=torch.Generator(self.device).manual_seed(0), device=self.device, **kwargs)
+            save_images(images, os.path.join(self.cfg.out_dir, "samples", f"step_{self.step:07d}.png"))
         self.model.train()
-        save_images(images, os.path.join(self.cfg.out_dir, "samples", f"step_{self.step:07d}.png"))
+        dist_utils.barrier(self.dist)
 
     def export(self) -> str:
         out = os.path.join(self.cfg.out_dir, "model")
-        self.pipeline(self.ema.module).save_pretrained(out)
-        with open(os.path.join(out, "train_config.yaml"), "w") as f:
-            yaml.safe_dump({"train": asdict(self.cfg)}, f, sort_keys=False)
+        module = self._export_module()
+        if self.is_main:
+            self.pipeline(module).save_pretrained(out)
+            with open(os.path.join(out, "train_config.yaml"), "w") as f:
+                yaml.safe_dump({"train": asdict(self.cfg)}, f, sort_keys=False)
+        dist_utils.barrier(self.dist)
         return out
 
     # ---- the loop ----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        torch.manual_seed(self.cfg.seed * 1_000_003 + step)
-        x, y = self.get_batch(step)
+        seed = self.cfg.seed * 1_000_003 + step
+        torch.manual_seed(seed)
+        micro = self.get_batch(step)
+        if self.dist.rank:  # randomness a model draws itself must differ between ranks
+            torch.manual_seed(_rank_seed(seed, self.dist.rank))
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(step, self.cfg) * self.lr_scale
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = self.model.loss(x, **self.condition_fn(y))
-        if not torch.isfinite(loss):
-            self.opt.zero_grad(set_to_none=True)
-            return {"skipped": f"non-finite loss {loss.item()}"}
+        self.wrapped.train()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        A = len(micro)
+        total = torch.zeros((), device=self.device)
+        for m, (x, y, drop) in enumerate(micro):
+            kwargs = self.condition_fn(y)
+            if drop is not None:
+                kwargs["cond_drop"] = drop
+            with dist_utils.set_gradient_sync(self.wrapped, m == A - 1):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.wrapped(x, **kwargs)
+                (loss / A if A > 1 else loss).backward()
+            total = total + loss.detach().float()
+        # One all-reduce per step: the global mean loss, and whether any rank was asked to stop.
+        stats = torch.stack([total / A, torch.tensor(float(self._signal is not None), device=self.device)])
+        stats = dist_utils.all_reduce_sum(stats, self.dist).tolist()
+        self._stop_agreed = stats[1] > 0
+        loss_value = stats[0] / self.dist.world_size
+        if not math.isfinite(loss_value):
+            self.opt.zero_grad(set_to_none=True)
+            return {"skipped": f"non-finite loss {loss_value}"}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             self.opt.zero_grad(set_to_none=True)
             return {"skipped": f"non-finite gradient norm {grad_norm.item()}"}
         self.opt.step()
-        self.ema.update_parameters(self.model)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.opt.param_groups[0]["lr"]}
+        if self.sharded:
+            dist_utils.ema_update_sharded(self.ema, self.model, self.cfg.ema_decay)
+        else:
+            self.ema.update_parameters(self.model)
+        return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": self.opt.param_groups[0]["lr"]}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second signal: stop now, without the checkpoint
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self._signal = signum
+        if self.is_main:
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint after the current step",
+                  file=sys.stderr, flush=True)
 
     def train(self, resume: str | None = None) -> str:
+        """Train to ``cfg.steps`` and export; raises ``TrainingInterrupted`` after SIGTERM/SIGINT (the
+        checkpoint of the step reached is saved first)."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self._train(resume)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train(self, resume: str | None) -> str:
+        self._signal, self._stop_agreed = None, False
         self.resume(resume)
         cfg = self.cfg
         bad_in_a_row = 0
         t0, seen = time.time(), 0
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.is_main and sys.stderr.isatty()))
         while self.step < cfg.steps:
+            self._stop_agreed = False
             rec = self.train_step(self.step)
             if "skipped" in rec:
                 bad_in_a_row += 1
-                warnings.warn(f"step {self.step}: skipped ({rec['skipped']}); {bad_in_a_row} in a row")
+                if self.is_main:
+                    warnings.warn(f"step {self.step}: skipped ({rec['skipped']}); {bad_in_a_row} in a row")
                 self.log({"step": self.step, "event": "skipped", "reason": rec["skipped"]})
                 if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
                     self.rollback()
                     bad_in_a_row = 0
-                    continue
+                else:
+                    self.step += 1
+            else:
+                bad_in_a_row = 0
                 self.step += 1
-                continue
-            bad_in_a_row = 0
-            self.step += 1
-            seen += cfg.batch_size
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                dt = time.time() - t0
-                rec.update(step=self.step, images_per_s=seen / dt if dt > 0 else float("nan"), time=time.time())
-                self.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
-                t0, seen = time.time(), 0
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                self.save()
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
-                self.save_samples()
+                seen += cfg.batch_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.time() - t0
+                    rec.update(step=self.step, images_per_s=seen / dt if dt > 0 else float("nan"), time=time.time())
+                    self.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
+                    t0, seen = time.time(), 0
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                    self.save_samples()
+            if self._stop_agreed or (not self.dist.enabled and self._signal is not None):
+                self._stop()
         bar.close()
         return self.export()
 
+    def _stop(self) -> None:
+        signum = self._signal if self._signal is not None else signal.SIGTERM  # another rank's signal
+        path = self.save() if self._last_saved != self.step else os.path.join(self.ckpt_dir, f"step_{self.step:07d}")
+        self.log({"step": self.step, "event": "interrupted", "signal": signal.Signals(signum).name,
+                  "checkpoint": path, "time": time.time()})
+        raise TrainingInterrupted(signum, self.step, path)
+
     def rollback(self) -> None:
-        path = ckpt.latest_valid(self.ckpt_dir)
+        path = self._latest()
         if path is None:
             raise RuntimeError(f"{self.cfg.max_nonfinite_in_a_row} non-finite steps in a row and no checkpoint to roll back to")
         lr_scale = self.lr_scale * 0.5
         self.load(path)
         self.lr_scale = lr_scale
-        warnings.warn(f"rolled back to {path} (step {self.step}) with learning rate x{self.lr_scale}")
+        if self.is_main:
+            warnings.warn(f"rolled back to {path} (step {self.step}) with learning rate x{self.lr_scale}")
         self.log({"step": self.step, "event": "rollback", "checkpoint": path, "lr_scale": self.lr_scale})
