@@ -596,9 +596,12 @@ class _EditTrainingSet(torch.utils.data.Dataset):
         return self.targets[idx], self.ids[idx]
 
 
-def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_encoder, autoencoder=None):
+def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_encoder, autoencoder=None,
+                       decoder=None):
     """A project ``Trainer`` that fits ``model`` on ``data``: x = target (model space), condition =
-    (instruction states, source in model space). ``train_cfg`` is a ``TrainConfig``."""
+    (instruction states, source in model space). ``train_cfg`` is a ``TrainConfig``. ``autoencoder`` encodes
+    sources and targets (latent models); ``decoder`` (default: the same) is what the exported pipeline
+    decodes with (e.g. a decoder fine-tuned on noisy latents)."""
     from starflow.data.captioned import TextTable
     from starflow.train.trainer import Trainer
 
@@ -624,7 +627,7 @@ def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_e
     preview_idx = torch.arange(min(16, len(data)))
 
     def factory(m):
-        p = EditPipeline(m, autoencoder, text_encoder, train_cfg.noise_std)
+        p = EditPipeline(m, decoder or autoencoder, text_encoder, train_cfg.noise_std)
         p.preview_sources = sources[preview_idx]
         return p
 
@@ -633,6 +636,74 @@ def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_e
                    pipeline_factory=factory)
 
 
+# The recipe of a latent edit model trained from scratch (the architecture of configs/shapes_t2i.yaml).
+SCRATCH_CONFIG = dict(in_channels=4, image_size=8, patch_size=1, width=128, head_dim=32, num_blocks=4,
+                      layers_per_block=1, deep_layers=6, cond_dim=384, max_text_tokens=32, cond_drop_prob=0.1)
+
+
+def train_main(argv=None) -> str:
+    """``python -m starflow.editing``: train (or fine-tune with --base) an edit model on EditDataset('train').
+
+    With ``--base DIR`` (a text-to-image pipeline, e.g. starflow/assets/starflow_shapes) every weight, the
+    autoencoder, the text encoder and noise_std come from it (the paper's fine-tuning). Without it a latent
+    model of ``SCRATCH_CONFIG`` is trained from scratch on the shipped shapes autoencoder."""
+    import argparse
+    import shutil
+
+    from starflow.config import TrainConfig
+
+    p = argparse.ArgumentParser(prog="python -m starflow.editing", description=train_main.__doc__.split("\n")[0])
+    p.add_argument("--base", help="text-to-image pipeline to fine-tune (default: train from scratch)")
+    p.add_argument("--autoencoder", default="shapes", help="scratch only: encoder (shipped name or directory)")
+    p.add_argument("--decoder", default="shapes_ft", help="scratch only: decoder to ship (shipped name or directory)")
+    p.add_argument("--text-encoder", default="minilm", help="scratch only")
+    p.add_argument("--noise-std", type=float, default=0.3, help="scratch only: latent noise of training")
+    p.add_argument("--size", type=int, default=8000, help="training triples")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out-dir", default="runs/edit")
+    p.add_argument("--ship", help="copy the exported pipeline here (e.g. starflow/assets/starflow_edit)")
+    p.add_argument("--resume", default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.base:
+        base = StarflowPipeline.from_pretrained(args.base)
+        if base.text_encoder is None:
+            raise ValueError(f"{args.base} is not a text-conditional pipeline")
+        model = EditSTARFlow.from_base(base.model)
+        encoder = decoder = base.autoencoder
+        text_encoder, noise_std = base.text_encoder, base.noise_std
+    else:
+        from starflow.autoencoder import resolve_autoencoder
+        from starflow.text_encoder import TextEncoder
+
+        encoder, decoder = resolve_autoencoder(args.autoencoder), resolve_autoencoder(args.decoder)
+        text_encoder, noise_std = TextEncoder.from_pretrained(args.text_encoder), args.noise_std
+        model = EditSTARFlow(FlowConfig(**SCRATCH_CONFIG))
+    side = model.config.image_size * (encoder.downsample if encoder is not None else 1)
+    data = EditDataset("train", size=args.size, image_size=side)
+    cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      noise_std=noise_std, warmup_steps=min(100, args.steps // 10 + 1), ema_decay=0.995,
+                      ckpt_every=250, sample_every=max(args.steps, 1), log_every=50, seed=args.seed, device="cpu")
+    trainer = build_edit_trainer(model, data, cfg, text_encoder, encoder, decoder)
+    out = trainer.train(resume=args.resume)
+    print(f"exported edit pipeline -> {out}")
+    if args.ship:
+        if os.path.exists(args.ship):
+            shutil.rmtree(args.ship)
+        shutil.copytree(out, args.ship)
+        print(f"shipped -> {args.ship}")
+    return out
+
+
 __all__ = ["EDIT_KINDS", "DIRECTIONS", "MOVE_PX", "Instruction", "parse_instruction", "apply_instruction", "describe",
            "EditExample", "sample_edit", "EditDataset", "infer_edit", "score_edit", "EditCondition", "EditSTARFlow",
-           "EditPipeline", "build_edit_trainer"]
+           "EditPipeline", "build_edit_trainer", "train_main"]
+
+
+if __name__ == "__main__":
+    train_main()
