@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
 import time
 
@@ -53,6 +52,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_GUIDANCE = 20.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 2.0
 MAX_SEED = 2**31 - 1
+MAX_INPAINT_STEPS = 20
 SAMPLERS = ("sequential", "jacobi")
 CHUNK = 4               # images per model call; progress is reported per chunk
 DISPLAY_SIDE = 128      # tiny model images are shown upscaled (nearest) to at least this side
@@ -373,61 +373,56 @@ class Demo:
 
     # ---- Encode -> decode ----------------------------------------------------------------------------------
     def encode_decode(self, upload, which="digits", label=0, prompt="", progress=None):
-        """-> (input as the model sees it, noise image, round trip, markdown report)."""
-        from starflow.images import to_pil, to_uint8
+        """-> (input as the model sees it, noise image, round trip, markdown report). Uses starflow.encode."""
+        from starflow import encode as E
+        from starflow.images import to_pil
 
         slot = self._slot(which)
         img = load_upload(upload)
         pipe = slot.get()
-        if not hasattr(pipe.model, "log_prob"):
+        if not (hasattr(pipe.model, "log_prob") and hasattr(pipe.model, "inverse")):
             raise gr.Error(f"{type(pipe.model).__name__} has no exact inverse; encoding needs a flow.")
         x8, note = to_model_image(img, pipe.image_shape)
         y, prompt = self._condition(pipe, label, prompt)
-        text = pipe.encode_prompts([prompt]) if prompt is not None else None
-        x = (x8.float() + 0.5) / 128.0 - 1.0  # the centre of each 8-bit bin, in model space
+        y = None if y is None else int(y[0])
         _progress(progress, 0.1, "encoding")
-        lines = [note]
         with self.lock, torch.no_grad():
-            dev = pipe.device
-            x, yd = x.to(dev), None if y is None else y.to(dev)
-            if pipe.autoencoder is not None:
-                latent = pipe.autoencoder.encode(x)
-                z, _ = pipe.model.forward(latent, yd, text)
-                _progress(progress, 0.5, "decoding")
-                back = pipe.model.inverse(z, yd, text)
-                flow_err = (back - latent).abs().max().item()
-                recon = pipe.autoencoder.decode(back)
-                ae_err = (pipe.autoencoder.decode(latent) - x).abs().max().item()
-                nll = pipe.model.nll(latent, yd, text).item()
-                lines += [f"**Flow round trip** (latent -> noise -> latent): max |error| = {flow_err:.2e}",
-                          f"**Autoencoder** reconstruction (lossy, not the flow): max |error| = {ae_err:.3f} "
-                          "in [-1, 1] pixel units",
-                          f"**Likelihood**: {nll:.4f} nats/dim of the latent (bits/dim of pixels is not "
-                          "defined for a latent model)"]
-            else:
-                z, _ = pipe.model.forward(x, yd, text)
-                _progress(progress, 0.5, "decoding")
-                recon = pipe.model.inverse(z, yd, text)
-                err = (recon - x).abs().max().item()
-                levels = (to_uint8(recon).int() - x8.to(dev).int()).abs().max().item()
-                bpd = None
-                if text is None:
-                    g = torch.Generator(dev).manual_seed(0)
-                    bpd = torch.stack([pipe.bits_per_dim(x8.to(dev), yd, generator=g) for _ in range(4)]).mean().item()
-                else:
-                    bpd = (pipe.model.nll(x, yd, text) / math.log(2) + 7.0).item()
-                lines += [f"**Round trip** x -> z -> x: max |error| = {err:.2e} in [-1, 1] units "
-                          f"({levels} of 255 grey levels)",
-                          f"**Bits/dim**: {bpd:.3f} (uniform dequantisation" +
-                          (", mean of 4 draws)" if text is None else ", bin centres)")]
-        zs = z[0].float()
-        lines.append(f"**Noise** z: mean {zs.mean().item():+.3f}, std {zs.std().item():.3f} "
-                     "(a typical image of the model's data gives roughly 0 and 1); shown with ±3σ as black/white.")
-        cond = f"class {int(y[0])}" if y is not None else (f"prompt '{prompt}'" if prompt else "no condition")
+            try:
+                x = E.to_model_space(pipe, x8)
+                z = E.encode(pipe, x8, y, prompt)
+                _progress(progress, 0.4, "decoding")
+                x2 = E.decode_to_model_space(pipe, z, y, prompt)
+                recon8 = E.float_to_pixels(pipe, E.from_model_space(pipe, x2)).cpu()
+                _progress(progress, 0.8, "likelihood")
+                g = torch.Generator(pipe.device).manual_seed(0)
+                nll, unit = E.image_nll(pipe, x8, y, prompt, samples=4, generator=g)
+                rec_ae = None
+                if pipe.autoencoder is not None:
+                    rec_ae = (E.float_to_pixels(pipe, E.from_model_space(pipe, x)).cpu().int() - x8.int()).abs().max().item()
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+        flow_err = (x2 - x).abs().max().item()
+        pix_err = (recon8.int() - x8.int()).abs().max().item()
+        where = "[-1, 1] pixel units" if pipe.autoencoder is None else "latent units"
+        lines = [note, f"**Round trip** f⁻¹(f(x)): max |error| = {flow_err:.2e} in {where}; "
+                       f"decoded image differs from the input by at most {pix_err} of 255 grey levels."]
+        if rec_ae is not None:
+            lines.append(f"The autoencoder alone (lossy, not the flow) reconstructs the input to within {rec_ae} levels.")
+        if unit == "bits/dim":
+            lines.append(f"**Bits/dim**: {nll.item():.3f} (uniform dequantisation, mean of 4 draws).")
+        else:
+            lines.append(f"**Likelihood**: {nll.item():.4f} nats/dim of the latent (pixel bits/dim is not defined "
+                         "for a latent model).")
+        if getattr(pipe, "noise_std", 0):
+            lines.append(f"The model was trained on data with Gaussian noise σ={pipe.noise_std:g}; this is its "
+                         "density at the clean image.")
+        zs = z[0].float().cpu()
+        lines.append(f"**Noise** z: mean {zs.mean().item():+.3f}, std {zs.std().item():.3f} (images like the "
+                     "training data give roughly 0 and 1); shown with ±3σ as black/white.")
+        cond = f"class {y}" if y is not None else (f"prompt '{prompt}'" if prompt else "no condition")
         lines.append(f"Conditioned on {cond}.")
         _progress(progress, 1.0, "done")
-        return (upscale(to_pil(x8[0])), upscale(noise_to_image(zs.cpu())), upscale(to_pil(recon[0].cpu())),
-                "\n\n".join(lines))
+        return upscale(to_pil(x8[0])), upscale(noise_to_image(zs)), upscale(to_pil(recon8[0])), "\n\n".join(lines)
 
     # ---- Inpainting --------------------------------------------------------------------------------------
     @staticmethod
@@ -519,7 +514,7 @@ class Demo:
         return m
 
     def inpaint(self, editor, which="digits", preset="painted", label=0, prompt="", num_images=4, seed=0,
-                progress=None):
+                steps=5, guidance=0.0, progress=None):
         if not self.inpaint_available():
             raise gr.Error(NOT_AVAILABLE_INPAINT)
         from starflow.images import to_pil
@@ -527,6 +522,8 @@ class Demo:
 
         n = check_int(num_images, "Number of completions", 1, MAX_IMAGES)
         seed = check_int(seed, "Seed", 0, MAX_SEED)
+        steps = check_int(steps, "Resampling rounds", 1, MAX_INPAINT_STEPS)
+        w = check_float(guidance, "Guidance weight", 0.0, MAX_GUIDANCE)
         bg = (editor or {}).get("background")
         if bg is None:
             raise gr.Error("Upload an image or pick an example first.")
@@ -540,60 +537,19 @@ class Demo:
         t0 = time.time()
         with self.lock:
             try:
-                out = call_inpaint(inpaint_fn, pipe, x8[0], mask, n, label=None if y is None else int(y[0]),
-                                   prompt=prompt, generator=torch.Generator(pipe.device).manual_seed(seed))
-            except (ValueError, TypeError) as e:
-                raise gr.Error(f"inpainting failed: {e}") from None
-        image = to_pil(x8[0])
+                res = inpaint_fn(pipe, x8.expand(n, -1, -1, -1), mask, y=None if y is None else int(y[0]),
+                                 prompt=prompt, steps=steps, guidance=w,
+                                 generator=torch.Generator(pipe.device).manual_seed(seed))
+            except ValueError as e:
+                raise gr.Error(f"Inpainting failed: {e}") from None
         _progress(progress, 1.0, "done")
-        images = _as_pil_list(out)
-        masked = np.asarray(image.convert("RGB")).copy()
-        masked[mask.numpy()] = (255, 0, 255)
-        gallery = [(upscale(Image.fromarray(masked)), "input; magenta = regenerated region")]
+        images = _as_pil_list(res)
+        shown = np.asarray(to_pil(x8[0]).convert("RGB")).copy()
+        shown[mask.numpy()] = (255, 0, 255)
+        gallery = [(upscale(Image.fromarray(shown)), "input; magenta = regenerated region")]
         gallery += [(upscale(im), f"completion {i}") for i, im in enumerate(images)]
-        return gallery, f"{len(images)} completions in {time.time() - t0:.2f} s."
-
-
-def _accepted(fn, candidates: dict) -> dict:
-    """The keyword arguments ``fn`` accepts (its signature is owned by starflow.inpaint)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return candidates
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return candidates
-    return {k: v for k, v in candidates.items() if k in params}
-
-
-def call_inpaint(fn, pipe, image8: torch.Tensor, mask: torch.Tensor, n: int, label=None, prompt=None,
-                 generator=None):
-    """Call ``starflow.inpaint.inpaint`` the way ``starflow inpaint`` does: images [n, C, H, W] and a mask
-    [H, W] (True = regenerate) as its own loaders make them from PNG files, the condition as ``y`` (or
-    ``class_label``) / ``prompt``; only the keywords its signature has are passed."""
-    import starflow.inpaint as inp
-
-    C, H, W = image8.shape
-    with tempfile.TemporaryDirectory() as d:
-        ip, mp = os.path.join(d, "image.png"), os.path.join(d, "mask.png")
-        from starflow.images import to_pil
-
-        to_pil(image8).save(ip)
-        Image.fromarray(mask.numpy().astype(np.uint8) * 255, "L").save(mp)
-        try:
-            from starflow import encode as enc
-
-            image = enc.load_image(ip, C, H)
-        except (ImportError, AttributeError):
-            image = image8.float() / 127.5 - 1.0
-        m = inp.load_mask(mp, ip, H) if hasattr(inp, "load_mask") else mask
-    images = image[None].expand(n, *image.shape) if image.ndim == 3 else image
-    kw = {"y": label, "class_label": label, "prompt": prompt, "generator": generator}
-    kw = _accepted(fn, {k: v for k, v in kw.items() if v is not None})
-    if "y" in kw and "class_label" in kw:
-        del kw["class_label"]
-    return fn(pipe, images, m, **kw)
+        return gallery, (f"{len(images)} completions, {steps} resampling rounds, {mask.float().mean().item():.0%} of "
+                         f"pixels regenerated, in {time.time() - t0:.2f} s.")
 
 
 def _as_pil_list(out) -> list[Image.Image]:
@@ -694,6 +650,8 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
             with gr.Row():
                 i_n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Completions")
                 i_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                i_steps = gr.Slider(1, MAX_INPAINT_STEPS, value=5, step=1, label="Resampling rounds")
+                i_w = gr.Slider(0.0, MAX_GUIDANCE, value=0.0, step=0.25, label="Guidance weight w")
             igo = gr.Button("Inpaint", variant="primary", interactive=demo.inpaint_available())
             i_gallery = gr.Gallery(label="Completions", columns=5, format="png")
             i_info = gr.Markdown()
@@ -702,10 +660,11 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
             i_example.change(lambda name, which: demo.editor_value(demo.example(name), which) if name else (gr.skip(), gr.skip()),
                              [i_example, i_model], [editor, i_note], api_name=False)
 
-            def run_inpaint(ed, which, pre, lab, p, n, seed, progress=gr.Progress()):
-                return demo.inpaint(ed, which, pre, lab, p, n, seed, progress=progress)
+            def run_inpaint(ed, which, pre, lab, p, n, seed, steps, w, progress=gr.Progress()):
+                return demo.inpaint(ed, which, pre, lab, p, n, seed, steps, w, progress=progress)
 
-            igo.click(run_inpaint, [editor, i_model, preset, i_label, i_prompt, i_n, i_seed], [i_gallery, i_info],
+            igo.click(run_inpaint, [editor, i_model, preset, i_label, i_prompt, i_n, i_seed, i_steps, i_w],
+                      [i_gallery, i_info],
                       api_name="inpaint", **ev)
 
         with gr.Tab("Encode → decode", id="encode"):

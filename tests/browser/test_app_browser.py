@@ -1,0 +1,180 @@
+"""End to end: the demo server on 127.0.0.1 (a thread of this process), driven by headless Debian Chromium
+through Playwright (no browser download), and a bounded burst of concurrent API requests.
+
+The browser test skips when /usr/bin/chromium (apt-get install chromium) or playwright is missing.
+Screenshots go to $STARFLOW_TEST_ARTIFACTS (default: pytest's tmp dir)."""
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from app_fixtures import digits_pipe, text_pipe  # noqa: E402
+
+from starflow import app  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+LOCAL = ("http://127.0.0.1", "data:", "blob:")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CountingDemo(app.Demo):
+    """Records how many text requests run at once; each holds the model a little so requests overlap."""
+
+    def __init__(self, *a, hold=0.05, **k):
+        super().__init__(*a, **k)
+        self.active = self.peak = self.done = 0
+        self.hold = hold
+        self._count = threading.Lock()
+
+    def text_to_image(self, *a, **k):
+        with self._count:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(self.hold)
+            return super().text_to_image(*a, **k)
+        finally:
+            with self._count:
+                self.active -= 1
+                self.done += 1
+
+
+def _serve(tmp_path_factory, **build_kw):
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))  # read when components are built
+    try:
+        demo = CountingDemo(text=text_pipe(), digits=digits_pipe())
+        blocks = app.build_app(demo, **build_kw)
+        port = _free_port()
+        app.launch(blocks, host="127.0.0.1", port=port, block=False, quiet=True)
+    finally:
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR")
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+    return demo, blocks, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    demo, blocks, url = _serve(tmp_path_factory, concurrency=1, queue_size=32)
+    yield demo, url
+    blocks.close()
+
+
+def _call(client, url, api, data):
+    """Gradio's HTTP API: POST the inputs, then read the event stream to its end."""
+    r = client.post(f"{url}/gradio_api/call/{api}", json={"data": data})
+    if r.status_code != 200:
+        return r.status_code, r.text
+    return 200, client.get(f"{url}/gradio_api/call/{api}/{r.json()['event_id']}").text
+
+
+def test_browser_prompt_to_images(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium chromium-driver; see .ci/install_browser.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    demo, url = server
+    out_dir = os.environ.get("STARFLOW_TEST_ARTIFACTS") or str(tmp_path)
+    os.makedirs(out_dir, exist_ok=True)
+    blocked = []
+
+    def route(r):
+        if r.request.url.startswith(LOCAL):
+            r.continue_()
+        else:  # no network at run time: anything external fails the test below
+            blocked.append(r.request.url)
+            r.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                          "--disable-background-networking", "--disable-component-update",
+                                          "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.route("**/*", route)
+            page.goto(url + "/", wait_until="domcontentloaded", timeout=30_000)
+            box = page.locator("#prompt textarea")
+            box.fill("two red circles above a blue square")
+            page.locator("#generate").click()
+            imgs = page.locator("#gallery img")
+            imgs.first.wait_for(state="visible", timeout=30_000)
+            page.wait_for_function("() => { const im = document.querySelectorAll('#gallery img');"
+                                   " return im.length === 4 && [...im].every(i => i.complete && i.naturalWidth > 0); }",
+                                   timeout=30_000)
+            assert imgs.count() == 4
+            assert page.locator("#text-info").inner_text().startswith("4 images in")
+            shot = os.path.join(out_dir, "app_text_to_image.png")
+            page.screenshot(path=shot, full_page=True)
+            # an error is shown, not swallowed: an empty prompt
+            box.fill("")
+            page.locator("#generate").click()
+            page.get_by_text("Please enter a prompt.").first.wait_for(timeout=15_000)
+        finally:
+            browser.close()
+    assert os.path.getsize(shot) > 10_000
+    assert not blocked, f"the page tried to reach the network: {blocked}"
+    if os.environ.get("STARFLOW_UPDATE_DOCS_SCREENSHOT"):
+        docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "images", "app.png")
+        os.makedirs(os.path.dirname(docs), exist_ok=True)
+        shutil.copy(shot, docs)
+
+
+def test_burst_of_requests_queues(server):
+    """8 concurrent requests all complete, and no more than the concurrency limit (1) ran at once."""
+    demo, url = server
+    demo.peak = demo.done = 0
+    n = 8
+
+    def one(i):
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            return _call(c, url, "text_to_image", [f"a red circle {i}", 2, 1.0, "starflow", 1.0, i,
+                                                   "jacobi" if i % 2 else "sequential"])
+
+    with ThreadPoolExecutor(n) as ex:
+        results = list(ex.map(one, range(n)))
+    for status, text in results:
+        assert status == 200 and text.startswith("event: complete"), text[:300]
+        assert text.count('"image"') == 2
+    assert demo.done == n
+    assert demo.peak == 1
+
+
+def test_queue_full_is_refused_not_crashed(tmp_path_factory):
+    """With room for 2 waiting requests, a burst of 8 is partly refused (HTTP 503, 'Queue is full'), the
+    accepted ones complete, and the server still serves afterwards."""
+    demo, blocks, url = _serve(tmp_path_factory, concurrency=1, queue_size=2)
+    demo.hold = 0.3
+    try:
+        def one(i):
+            with httpx.Client(timeout=60, trust_env=False) as c:
+                return _call(c, url, "text_to_image", [f"a square {i}", 1, 0.0, "starflow", 1.0, i, "sequential"])
+
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(one, range(8)))
+        refused = [t for s, t in results if s == 503]
+        done = [t for s, t in results if s == 200]
+        assert refused and all("Queue is full" in t for t in refused)
+        assert done and all(t.startswith("event: complete") for t in done)
+        assert len(refused) + len(done) == 8
+        demo.hold = 0.0
+        with httpx.Client(timeout=60, trust_env=False) as c:
+            status, text = _call(c, url, "text_to_image", ["a square", 1, 0.0, "starflow", 1.0, 0, "sequential"])
+        assert status == 200 and text.startswith("event: complete")
+    finally:
+        blocks.close()
