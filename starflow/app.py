@@ -203,7 +203,7 @@ def upscale(img: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 
 
 def noise_to_image(z: torch.Tensor) -> Image.Image:
-    """Noise [C, H, W] -> a picture: +-3 sigma maps to white/black; 1 or 3 channels directly, other
+    """Noise [C, H, W] -> a picture: -3 maps to black, +3 to white; 1 or 3 channels directly, other
     channel counts side by side as grey tiles."""
     from starflow.images import make_grid, to_pil
 
@@ -417,8 +417,8 @@ class Demo:
             lines.append(f"The model was trained on data with Gaussian noise σ={pipe.noise_std:g}; this is its "
                          "density at the clean image.")
         zs = z[0].float().cpu()
-        lines.append(f"**Noise** z: mean {zs.mean().item():+.3f}, std {zs.std().item():.3f} (images like the "
-                     "training data give roughly 0 and 1); shown with ±3σ as black/white.")
+        lines.append(f"**Noise** z: mean {zs.mean().item():+.3f}, std {zs.std().item():.3f} (the likelihood's prior "
+                     "is a standard normal); shown with ±3 as black/white.")
         cond = f"class {y}" if y is not None else (f"prompt '{prompt}'" if prompt else "no condition")
         lines.append(f"Conditioned on {cond}.")
         _progress(progress, 1.0, "done")
@@ -639,7 +639,7 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
                 i_upload = gr.File(label=f"Upload an image (max {max_mb} MB)", file_types=["image"], type="filepath")
                 i_example = gr.Dropdown(examples, value=None, label="... or pick an example")
                 i_model = gr.Radio(models, value=models[0] if models else None, label="Model")
-            editor = gr.ImageEditor(label="Paint the region to regenerate", type="pil", sources=(),
+            editor = gr.ImageEditor(label="Paint the region to regenerate", elem_id="inpaint-editor", type="pil", sources=(),
                                     brush=gr.Brush(colors=["#ff00ff"], default_size=24), layers=False,
                                     transforms=(), canvas_size=(EDITOR_SIDE, EDITOR_SIDE))
             i_note = gr.Markdown()
@@ -653,8 +653,8 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
                 i_steps = gr.Slider(1, MAX_INPAINT_STEPS, value=5, step=1, label="Resampling rounds")
                 i_w = gr.Slider(0.0, MAX_GUIDANCE, value=0.0, step=0.25, label="Guidance weight w")
             igo = gr.Button("Inpaint", variant="primary", interactive=demo.inpaint_available())
-            i_gallery = gr.Gallery(label="Completions", columns=5, format="png")
-            i_info = gr.Markdown()
+            i_gallery = gr.Gallery(label="Completions", columns=5, format="png", elem_id="inpaint-gallery")
+            i_info = gr.Markdown(elem_id="inpaint-info")
 
             i_upload.upload(demo.editor_value, [i_upload, i_model], [editor, i_note], api_name=False)
             i_example.change(lambda name, which: demo.editor_value(demo.example(name), which) if name else (gr.skip(), gr.skip()),
