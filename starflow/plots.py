@@ -247,7 +247,7 @@ def plot_sample_sheet(grids: list[tuple[int, str]], out_png: str, title: str = "
         grids = [grids[i] for i in idx]
     cols = min(len(grids), 4)
     rows = math.ceil(len(grids) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, (step, path) in zip(axes.flat, grids):
@@ -256,7 +256,6 @@ def plot_sample_sheet(grids: list[tuple[int, str]], out_png: str, title: str = "
         ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, interpolation="nearest", vmin=0, vmax=255)
         ax.set_title(f"step {step}", fontsize=9)
     fig.suptitle(title or "samples over training (fixed seed)", fontsize=11)
-    fig.tight_layout()
     _save(fig, out_png)
     return len(grids)
 
