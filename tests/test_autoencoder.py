@@ -369,17 +369,22 @@ def test_committed_mnist_autoencoder_loads_offline_and_reconstructs(monkeypatch)
     assert "starflow train-autoencoder" in recipe and "PSNR" in recipe
 
 
-@pytest.mark.skipif(not _shipped("mnist_ft"), reason="fine-tuned MNIST decoder not committed yet")
-def test_committed_finetuned_decoder_shares_encoder_and_reads_noisy_latents():
+@pytest.mark.parametrize("name", ["mnist", "shapes"])
+def test_committed_finetuned_decoder_shares_encoder_and_reads_noisy_latents(name):
+    if not (_shipped(name) and _shipped(name + "_ft")):
+        pytest.skip(f"{name} autoencoders not committed")
     from starflow.cli.finetune_decoder import check_encoder_identical
-    from starflow.data import DigitsDataset
+    from starflow.data.latents import dataset_images, load_named_dataset
     from starflow.train.autoencoder_trainer import reconstruction_psnr
 
-    assert check_encoder_identical(default_autoencoder_dir("mnist"), default_autoencoder_dir("mnist_ft")) > 0
-    base, ft = load_default_autoencoder("mnist"), load_default_autoencoder("mnist_ft")
+    assert check_encoder_identical(default_autoencoder_dir(name), default_autoencoder_dir(name + "_ft")) > 0
+    base, ft = load_default_autoencoder(name), load_default_autoencoder(name + "_ft")
     assert ft.decoder_noise_sigma == 0.3 and ft.scaling_factor == base.scaling_factor
     assert ft.encoder_fingerprint() == base.encoder_fingerprint()
-    test = DigitsDataset("mnist", "test").images[:100]
+    test = dataset_images(load_named_dataset(name, "test"))[:100]
+    if name == "shapes":
+        assert base.latent_shape(32) == (4, 8, 8) and base.image_channels == 3
+        assert reconstruction_psnr(base, test) > 25.0
     # the fine-tuned decoder is better on σ=0.3-noisy latents than the original one
     assert reconstruction_psnr(ft, test, sigma=0.3) > reconstruction_psnr(base, test, sigma=0.3)
 
