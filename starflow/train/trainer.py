@@ -248,6 +248,7 @@ class Trainer:
         if path is None:
             if self.is_main:
                 print(f"no valid checkpoint under {self.ckpt_dir}; starting from step 0", file=sys.stderr)
+                self.log({"step": 0, "event": "resume", "checkpoint": None, "time": time.time()})
             return
         self.load(path)
         if self.is_main:
