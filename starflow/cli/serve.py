@@ -51,7 +51,15 @@ def run(args) -> int:
         from starflow import app
     except ImportError as e:
         raise FileNotFoundError(f"the web demo needs gradio: pip install -e '.[app]' ({e})") from None
-    demo = app.Demo.from_dirs(checkpoint, text_checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    demo = app.Demo.from_dirs(checkpoint, text_checkpoint, device=device)
+    if args.checkpoint is None and args.text_checkpoint is None:  # say which shipped model is missing
+        from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
+
+        if not demo.text.available:
+            demo.text = app.Slot(DEFAULT_TEXT_MODEL, "shipped text-to-image", device)
+        if not demo.digits.available:
+            demo.digits = app.Slot(DEFAULT_DIGITS_MODEL, "shipped digits", device)
     blocks = app.build_app(demo, concurrency=args.concurrency, queue_size=args.queue_size)
     print(f"starflow demo on http://{args.host}:{args.port} (text model: {text_checkpoint or '-'}, "
           f"class model: {checkpoint or '-'}); Ctrl+C stops it", flush=True)

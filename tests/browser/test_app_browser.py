@@ -1,7 +1,8 @@
 """End to end: the demo server on 127.0.0.1 (a thread of this process), driven by headless Debian Chromium
 through Playwright (no browser download), and a bounded burst of concurrent API requests.
 
-The browser test skips when /usr/bin/chromium (apt-get install chromium) or playwright is missing.
+The browser tests skip when /usr/bin/chromium (apt-get install chromium; $STARFLOW_CHROMIUM overrides the
+path) or playwright is missing.
 Screenshots go to $STARFLOW_TEST_ARTIFACTS (default: pytest's tmp dir)."""
 import contextlib
 import os
@@ -22,7 +23,7 @@ from app_fixtures import digits_pipe, text_pipe  # noqa: E402
 
 from starflow import app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("STARFLOW_CHROMIUM", "/usr/bin/chromium")  # Debian package chromium
 LOCAL = ("http://127.0.0.1", "data:", "blob:")
 
 
@@ -194,6 +195,26 @@ def test_burst_of_requests_queues(server):
         assert text.count('"image"') == 2
     assert demo.done == n
     assert demo.peak == 1
+
+
+def test_upload_limits_over_http(server):
+    """Too large: refused at upload (HTTP 413). Not an image: the request ends in an error event with a
+    message, by file type (Gradio's check) or by content (the app's check); the server keeps serving."""
+    demo, url = server
+
+    def file_data(path):
+        return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+    with httpx.Client(timeout=60, trust_env=False) as c:
+        r = c.post(f"{url}/gradio_api/upload", files={"files": ("big.png", b"\0" * (app.MAX_UPLOAD_BYTES + 1))})
+        assert r.status_code == 413, r.text
+        for name, expected in (("notes.txt", "Invalid file type"), ("fake.png", "is not an image")):
+            r = c.post(f"{url}/gradio_api/upload", files={"files": (name, b"just some text")})
+            assert r.status_code == 200, r.text
+            status, text = _call(c, url, "encode_decode", [file_data(r.json()[0]), None, "digits", "1", ""])
+            assert status == 200 and text.startswith("event: error") and expected in text, text[:300]
+        status, text = _call(c, url, "digits", ["2", 1, 0.0, "starflow", 1.0, 0, "sequential"])
+        assert status == 200 and text.startswith("event: complete")
 
 
 def test_queue_full_is_refused_not_crashed(tmp_path_factory):
