@@ -50,7 +50,8 @@ def train_one(name, model_type, mcfg, args, out_root):
     sf = model_type == "starflow"
     tcfg = TrainConfig(dataset=args.dataset, image_size=32 if args.dataset == "shapes" else None,
                        dataset_size=args.dataset_size, autoencoder=args.dataset,
-                       decoder=f"{args.dataset}_ft" if sf else None, text_encoder="minilm" if args.dataset == "shapes" else None,
+                       decoder=f"{args.dataset}_ft" if sf else None,
+                       text_encoder=args.text_encoder if args.dataset == "shapes" else None, device=args.device,
                        noise_std=0.3 if sf else 0.0, out_dir=os.path.join(out_root, name), steps=args.steps,
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=min(100, args.steps // 10),
                        ema_decay=0.995, log_every=max(1, args.steps // 10), ckpt_every=args.steps,
@@ -62,15 +63,22 @@ def train_one(name, model_type, mcfg, args, out_root):
     return trainer, seconds
 
 
-def sampling_speed(pipe, kwargs_fn, batches, repeats=1):
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def sampling_speed(pipe, kwargs_fn, batches, device, repeats=2):
     out = {}
     for B in batches:
         kw = kwargs_fn(B)
-        pipe.sample(B, **kw)  # warm-up
+        pipe.sample(B, device=device, **kw)  # warm-up
         best = float("inf")
         for _ in range(repeats):
+            _sync()
             t = time.perf_counter()
-            pipe.sample(B, generator=torch.Generator().manual_seed(0), **kw)
+            pipe.sample(B, generator=torch.Generator(device).manual_seed(0), device=device, **kw)
+            _sync()
             best = min(best, time.perf_counter() - t)
         out[B] = B / best
     return out
@@ -88,6 +96,8 @@ def main(argv=None):
     p.add_argument("--num-eval", type=int, default=300)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--text-encoder", default="minilm", help="minilm, a transformers folder, or table:PATH")
     p.add_argument("--models", default="starflow,rectified-flow,flowar")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--json", default="benchmarks/results/compare_models.json")
@@ -109,21 +119,21 @@ def main(argv=None):
         print("  WARNING: parameter counts differ by more than 10%")
 
     # evaluation prompts / labels and the real reference
-    extractor = get_extractor("effnetlite0")
+    extractor = get_extractor("effnetlite0", device=args.device)
     if args.dataset == "shapes":
         from starflow.data.shapes import ShapesDataset
         from starflow.evaluation import shapes_eval
 
         test = ShapesDataset("test", size=args.num_eval)
         cond_kw = lambda i, j: {"prompt": test.captions[i:j]}  # noqa: E731
-        ref, _ = reference_stats("shapes", "test", extractor, images=test.images(), n=None)
+        ref, _ = reference_stats("shapes", "test", extractor, images=test.images(), n=args.num_eval)
     else:
         from starflow.data import DigitsDataset
         from starflow.evaluation.classifier import conditional_accuracy
 
         test = DigitsDataset("mnist", "test")
         labels = torch.arange(args.num_eval) % 10
-        cond_kw = lambda i, j: {"y": labels[i:j]}  # noqa: E731
+        cond_kw = lambda i, j: {"y": labels[i:j].to(args.device)}  # noqa: E731
         ref, _ = reference_stats("mnist", "test", extractor, images=test.images)
 
     results = {}
@@ -136,7 +146,8 @@ def main(argv=None):
         t0 = time.time()
         for i in range(0, args.num_eval, 50):
             j = min(i + 50, args.num_eval)
-            chunks.append(pipe.sample(j - i, generator=torch.Generator().manual_seed(i), **cond_kw(i, j), **guide))
+            chunks.append(pipe.sample(j - i, generator=torch.Generator(args.device).manual_seed(i), device=args.device,
+                                      **cond_kw(i, j), **guide).cpu())
         images = to_uint8(torch.cat(chunks))
         sample_seconds = time.time() - t0
         fd = compare_stats(FeatureStats.from_features(extractor.extract(images).numpy()), ref)["value"]
@@ -151,14 +162,14 @@ def main(argv=None):
             row["accuracy"] = conditional_accuracy(images, labels)["accuracy"]
         batches = [int(b) for b in args.batches.split(",")]
         def speed_cond(B):
-            cond = {"y": torch.arange(B) % 10} if args.dataset == "mnist" else {"prompt": [test.captions[0]] * B}
+            cond = {"y": (torch.arange(B) % 10).to(args.device)} if args.dataset == "mnist" else {"prompt": [test.captions[0]] * B}
             return {**cond, **guide}
 
         if model_type == "rectified-flow":
-            row["sampling_images_per_s"] = {f"{s} steps": sampling_speed(pipe, lambda B, s=s: {**speed_cond(B), "steps": s}, batches)
-                                            for s in (10, 25, 50)}
+            row["sampling_images_per_s"] = {f"{s} steps": sampling_speed(pipe, lambda B, s=s: {**speed_cond(B), "steps": s},
+                                                                         batches, args.device) for s in (10, 25, 50)}
         else:
-            row["sampling_images_per_s"] = sampling_speed(pipe, speed_cond, batches)
+            row["sampling_images_per_s"] = sampling_speed(pipe, speed_cond, batches, args.device)
         results[name] = row
         print(json.dumps(row, indent=1), flush=True)
 

@@ -36,6 +36,7 @@ saved pipeline stores it in ``model_index.json``.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ class TextEncoder(nn.Module):
         """
         from transformers import AutoTokenizer
 
+        if str(name_or_path).startswith("table:"):
+            return PrecomputedTextEncoder(str(name_or_path)[len("table:"):], max_length)
         if name_or_path == MINILM:
             path, source = minilm_dir(), MINILM
         else:
@@ -340,3 +343,51 @@ class TextEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}, mode={self.mode!r}, max_length={self.max_length}"
+
+
+class PrecomputedTextEncoder(TextEncoder):
+    """A text encoder that serves stored outputs for a fixed caption set (``table:PATH``), so a machine
+    without the encoder's weights (a GPU box, say) can train and sample on known captions. An unknown
+    caption is an error, never a silent zero."""
+
+    def __init__(self, path: str, max_length: int = 32):
+        nn.Module.__init__(self)
+        from safetensors import safe_open
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"text table not found: {path}")
+        with safe_open(path, framework="pt") as f:
+            captions = json.loads(f.metadata()["captions"])
+            states, lengths, pooled = f.get_tensor("states").float(), f.get_tensor("lengths"), f.get_tensor("pooled").float()
+        self.path, self.max_length, self.mode, self.gguf_file = path, int(max_length), "hidden", None
+        self.source = "table:" + path
+        self.cache_size = len(captions)
+        self._cache = collections.OrderedDict(
+            (c, (states[i, :int(lengths[i])], pooled[i])) for i, c in enumerate(captions))
+        self._hits = self._misses = 0
+        self._dim = states.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dim(self) -> int:
+        return int(self._dim)
+
+    def _run(self, prompts):
+        raise KeyError(f"{len(prompts)} caption(s) are not in the precomputed text table {self.path}, "
+                       f"e.g. {prompts[0]!r}")
+
+    def to_spec(self) -> dict:
+        return {"name": self.source, "max_length": self.max_length}
+
+
+def save_text_table(encoder: TextEncoder, captions: list[str], path: str) -> None:
+    """Encode ``captions`` once and store them for ``PrecomputedTextEncoder`` (fp16 states)."""
+    from safetensors.torch import save_file
+
+    unique = list(dict.fromkeys(captions))
+    emb = encoder.encode_dataset(unique, pad_to_max_length=False)
+    save_file({"states": emb.states.half().contiguous(), "lengths": emb.mask.sum(1).int(), "pooled": emb.pooled.half()},
+              path, metadata={"captions": json.dumps(unique)})

@@ -312,3 +312,18 @@ def test_gemma_style_init_qk_norm_and_scale(tmp_path):
     wide = FlowBlock(token_dim=4, num_tokens=8, width=64, num_layers=1, head_dim=8, mlp_ratio=4, reverse_order=False)
     with pytest.raises(ValueError, match="width"):
         init_deep_block_from_lm(wide, lm)
+
+
+def test_precomputed_table_matches_live_encoder(tmp_path):
+    from starflow.text_encoder import TextEncoder, save_text_table
+
+    enc = TextEncoder.from_pretrained("minilm")
+    caps = ["a red circle", "two blue squares above a green triangle"]
+    save_text_table(enc, caps + caps[:1], str(tmp_path / "t.safetensors"))
+    table = TextEncoder.from_pretrained("table:" + str(tmp_path / "t.safetensors"))
+    live, stored = enc.encode(caps), table.encode(caps)
+    assert table.dim == enc.dim == 384
+    assert torch.equal(live.mask, stored.mask)
+    assert (live.states - stored.states).abs().max().item() < 1e-2  # stored as fp16
+    with pytest.raises(KeyError, match="not in the precomputed text table"):
+        table.encode(["a yellow square"])
