@@ -216,7 +216,8 @@ def test_pixel_inpainting_keeps_unmasked_pixels_exactly(pixel_pipe):
     ref = [torch.from_numpy(_reference_tokens(m.numpy(), 1, 2)[0]) for m in mask]
     assert torch.equal(res.token_mask, torch.stack(ref))
     # different seeds give different completions, same known pixels
-    res2 = inpaint(pixel_pipe, imgs, mask, y=torch.tensor([1, 2, 3]), steps=3, generator=torch.Generator().manual_seed(1))
+    res2 = inpaint(pixel_pipe, imgs, mask, y=torch.tensor([1, 2, 3]), steps=3, generator=torch.Generator().manual_seed(1),
+                   noisy_known=True, temperature=0.8)
     assert torch.equal(res2.images[keep], imgs[keep]) and not torch.equal(res2.images, res.images)
 
 
