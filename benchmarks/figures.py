@@ -1,0 +1,56 @@
+"""Turn benchmark results (benchmarks/results/*.json) into the README's figures (docs/images/).
+
+    python benchmarks/figures.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from starflow.plots import plot_guidance_sweep, plot_model_comparison
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+IMAGES = os.path.join(os.path.dirname(__file__), "..", "docs", "images")
+
+
+def _write(data: dict) -> str:
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def guidance_figure() -> str | None:
+    src = os.path.join(RESULTS, "guidance_sweep.json")
+    if not os.path.exists(src):
+        return None
+    data = json.load(open(src))
+    rows = [{"rule": r["rule"], "guidance": r["w"], "fd": r["fd"], "accuracy": r["accuracy"]} for r in data["rows"]]
+    spec = {"schema": "starflow.guidance_sweep/1", "model": "shipped MNIST STARFlow", "rows": rows,
+            "metrics": {"fd": {"label": f"FD-EffNetLite0 (n={data['n']}; real: {data['real_fd']:.1f})", "lower_is_better": True},
+                        "accuracy": {"label": "classifier accuracy", "lower_is_better": False}}}
+    return plot_guidance_sweep(_write(spec), os.path.join(IMAGES, "guidance_sweep.png"))
+
+
+def comparison_figure() -> str | None:
+    src = os.path.join(RESULTS, "compare_models_shapes_h200.json")
+    if not os.path.exists(src):
+        return None
+    results = json.load(open(src))["results"]
+    models = []
+    for name, r in results.items():
+        speeds = r["sampling_images_per_s"]
+        # Quality was measured with rectified flow's default 50 Euler steps: plot only that point.
+        sp, label = (speeds["50 steps"], " (50 steps)") if "50 steps" in speeds else (speeds, "")
+        models.append({"name": name + label, "images_per_s": sp["64"], "quality": r["shapes_eval_overall"],
+                       "params": r["params"], "family": "starflow" if name == "starflow" else name})
+    spec = {"schema": "starflow.model_comparison/1", "title": "Shapes text-to-image, equal params and training",
+            "quality_metric": "ShapesEval overall",
+            "lower_is_better": False, "device": "H200", "batch_size": 64, "models": models}
+    return plot_model_comparison(_write(spec), os.path.join(IMAGES, "model_comparison.png"))
+
+
+if __name__ == "__main__":
+    for fn in (guidance_figure, comparison_figure):
+        print(fn.__name__, "->", fn())
