@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
         print(f"starflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads
 def add_parser(sub, name):
     p = sub.add_parser(name, help="train a model from a YAML recipe")
     p.add_argument("--config", required=True, help="YAML recipe with 'model' and 'train' sections")
+    p.add_argument("--model", choices=["starflow", "rectified-flow", "flowar"],
+                   help="model family; overrides the recipe's model_type (its 'model' fields must fit that family)")
     p.add_argument("--out-dir", help="overrides train.out_dir")
     p.add_argument("--steps", type=int, help="overrides train.steps")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in out-dir) or a checkpoint folder")
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.distributed:
         overrides["train.distributed"] = args.distributed
     overrides["train.device"] = args.device
+    if args.model:
+        overrides["model_type"] = args.model
     run_cfg = load_run_config(args.config, overrides)
     try:
         trainer = build_trainer(run_cfg)
