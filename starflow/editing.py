@@ -669,7 +669,7 @@ def train_main(argv=None) -> str:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out-dir", default="runs/edit")
     p.add_argument("--ship", help="copy the exported pipeline here (e.g. starflow/assets/starflow_edit)")
-    p.add_argument("--resume", default="auto")
+    p.add_argument("--resume", default="auto", help="'auto' (latest valid checkpoint in --out-dir), 'none', or a path")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -695,7 +695,7 @@ def train_main(argv=None) -> str:
                       noise_std=noise_std, warmup_steps=min(100, args.steps // 10 + 1), ema_decay=0.995,
                       ckpt_every=250, sample_every=max(args.steps, 1), log_every=50, seed=args.seed, device="cpu")
     trainer = build_edit_trainer(model, data, cfg, text_encoder, encoder, decoder)
-    out = trainer.train(resume=args.resume)
+    out = trainer.train(resume=None if args.resume == "none" else args.resume)
     print(f"exported edit pipeline -> {out}")
     if args.ship:
         pipe = EditPipeline.from_pretrained(out)
