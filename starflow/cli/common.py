@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from starflow.train.trainer import resolve_device  # noqa: F401  (re-exported for the sub-commands)
+
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -22,10 +24,3 @@ def apply_threads(n: int) -> None:
     if n:
         torch.set_num_threads(n)
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
