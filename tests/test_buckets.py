@@ -74,3 +74,33 @@ def test_sample_cli_aspect(tmp_path, model):
     out = str(tmp_path / "wide")
     assert main(["sample", str(tmp_path / "m"), "-n", "2", "--aspect", "16:9", "--no-grid", "--out", out]) == 0
     assert PILImage.open(f"{out}/0000.png").size == (8, 4)  # PIL reports (W, H)
+
+
+def test_training_on_a_folder_of_mixed_aspect_images(tmp_path):
+    """A recipe with model.buckets trains on an image folder; every step's batch is one bucket."""
+    import json
+    import os
+
+    from starflow.config import FlowConfig, RunConfig, TrainConfig
+    from starflow.train.build import build_trainer
+
+    folder = tmp_path / "imgs" / "only"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        w, h = [(32, 16), (16, 32), (24, 24)][i % 3]
+        arr = (torch.rand(h, w, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr, mode="L").save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")  # skipped and counted, not fatal
+    model = FlowConfig(in_channels=1, image_size=8, patch_size=2, width=32, head_dim=16, num_blocks=2,
+                       layers_per_block=1, buckets=[[4, 8], [8, 4]])
+    train = TrainConfig(dataset=f"folder:{tmp_path / 'imgs'}", image_size=8, channels=1, out_dir=str(tmp_path / "run"),
+                        steps=6, batch_size=4, warmup_steps=1, log_every=1, ckpt_every=6, sample_every=6)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        trainer = build_trainer(RunConfig("starflow", model, train))
+    assert trainer.steps_per_epoch == 6  # 8 images per bucket, 2 batches of 4 each
+    shapes = {tuple(trainer.dataset.get_batch(trainer.batch_indices(s))[0].shape[2:]) for s in range(6)}
+    assert shapes == {(8, 8), (4, 8), (8, 4)}
+    trainer.train()
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(train.out_dir, "log.jsonl")) if '"loss"' in line]
+    assert len(losses) == 6 and all(map(lambda v: v == v, losses))

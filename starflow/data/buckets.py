@@ -80,6 +80,19 @@ class BucketedImages:
     def __len__(self) -> int:
         return len(self.tensors)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The largest bucket's shape (the model's square size is among the buckets)."""
+        h, w = max(self.sizes, key=lambda hw: hw[0] * hw[1])
+        return (self.tensors[0].shape[0], h, w)
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(BucketBatches(self.bucket_of, batch_size))
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+        """The trainer's batch plan: every batch from one bucket, reproducible from (seed, epoch)."""
+        return BucketBatches(self.bucket_of, batch_size, seed).epoch(epoch)
+
     def get_batch(self, idx: torch.Tensor):
         buckets = {self.bucket_of[int(i)] for i in idx}
         if len(buckets) != 1:

@@ -58,6 +58,11 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(f"skipping unreadable image {path}: {e}")
         self.samples = good
 
+    def load_pil(self, path: str) -> Image.Image:
+        """The file as a PIL image in the dataset's mode, full size (aspect-ratio buckets crop it later)."""
+        with Image.open(path) as im:
+            return im.convert("L" if self.channels == 1 else "RGB")
+
     def load(self, path: str) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("L" if self.channels == 1 else "RGB")

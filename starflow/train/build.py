@@ -29,6 +29,13 @@ def build_trainer(run: RunConfig) -> Trainer:
         dataset = LatentDataset(autoencoder, base, f"{tcfg.dataset}-{tcfg.dataset_size}", "train")
         _check_shape(dataset.latent_shape, mcfg, f"the {tcfg.autoencoder!r} latent of {tcfg.dataset!r}")
         decoder = resolve_autoencoder(tcfg.decoder) if tcfg.decoder else autoencoder
+    elif getattr(mcfg, "buckets", None):
+        from starflow.data.buckets import BucketedImages
+
+        if not hasattr(base, "load_pil"):
+            raise ValueError("model.buckets (aspect-ratio buckets) needs an image-folder dataset (folder:PATH)")
+        dataset = BucketedImages([base.load_pil(p) for p, _ in base.samples], [lab for _, lab in base.samples],
+                                 mcfg.image_sizes(), channels=mcfg.in_channels)
     else:
         _check_shape(base.image_shape, mcfg, f"dataset {tcfg.dataset!r}")
 

@@ -124,7 +124,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
         self.lr_scale = 1.0  # lowered after a rollback
-        self.steps_per_epoch = len(dataset) // cfg.batch_size
+        # A bucketed dataset plans its own batches (one aspect ratio each); others are shuffled whole.
+        self.steps_per_epoch = dataset.num_batches(cfg.batch_size) if hasattr(dataset, "num_batches") \
+            else len(dataset) // cfg.batch_size
         self.ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self._signal: int | None = None      # set by the SIGTERM/SIGINT handler
@@ -151,6 +153,8 @@ class Trainer:
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the global batch of ``step``."""
         epoch, i = divmod(step, self.steps_per_epoch)
+        if hasattr(self.dataset, "epoch_batches"):
+            return self.dataset.epoch_batches(self.cfg.batch_size, self.cfg.seed, epoch)[i]
         perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
         return perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
 
