@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from starflow.cli.common import add_device_arg, resolve_device
+from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(sub, name):
@@ -16,6 +16,7 @@ def add_parser(sub, name):
     p.add_argument("--image", help="one image file: print its exact bits/dim (pixel models) or nats/dim of its "
                                    "latents (latent models), under the null condition (an out-of-distribution score)")
     add_device_arg(p)
+    add_threads_arg(p)
     return p
 
 
@@ -25,6 +26,7 @@ def run(args) -> int:
     from starflow.data import build_dataset
     from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
 
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     if args.image:
         return _one_image(args, device)

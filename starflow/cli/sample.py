@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from starflow.cli.common import add_device_arg, resolve_device
+from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub, name):
     p.add_argument("--no-grid", action="store_true", help="write one PNG per image into --out")
     add_sampling_args(p)
     add_device_arg(p)
+    add_threads_arg(p)
     return p
 
 
@@ -54,6 +55,7 @@ def run(args) -> int:
     from starflow.images import save_images
     from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
 
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
     kw = sampling_kwargs(args, model)
