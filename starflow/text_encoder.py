@@ -96,6 +96,9 @@ class _EmbeddingsOnly(nn.Module):
 
 def _load_model(path: str, mode: str, gguf_file: str | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every CLI call is noise
 
     kw = {"local_files_only": True}
     if gguf_file:
