@@ -131,7 +131,7 @@ def mnist_section(args) -> None:
         torch.from_numpy(np.asarray(Image.fromarray(a).resize((28, 28), Image.BICUBIC)).copy())[None] for a in sk])
     ood["uniform noise"] = torch.randint(0, 256, (len(images), 1, 28, 28), generator=g, dtype=torch.uint8)
     ood["all-black image"] = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
-    say(f"  b. exact bits/dim per image (null condition, one dequantisation draw) as an OOD score")
+    say("  b. exact bits/dim per image (null condition, one dequantisation draw) as an OOD score")
     say(f"     {'set':<30}{'n':>5}{'mean bpd':>10}{'median':>9}{'AUROC vs MNIST':>16}")
     say(f"     {'MNIST test (in-distribution)':<30}{len(bpd_in):>5}{bpd_in.mean().item():>10.3f}"
         f"{bpd_in.median().item():>9.3f}{'-':>16}")

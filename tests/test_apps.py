@@ -1,7 +1,5 @@
 """Applications: exact encoding (image <-> noise), per-image likelihood, training-free inpainting, and their
 CLIs, on tiny stand-in models (pixel and latent)."""
-import itertools
-import os
 import warnings
 
 import numpy as np

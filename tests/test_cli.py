@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from conftest import FIXTURES, perturbed, tiny_config
 from starflow import STARFlow

@@ -6,7 +6,6 @@ import zlib
 from collections import Counter
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 

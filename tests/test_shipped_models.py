@@ -1,5 +1,4 @@
 """The models that ship in the package load offline and work, and keep the figures the README quotes."""
-import pytest
 import torch
 
 from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
