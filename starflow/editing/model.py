@@ -1,0 +1,209 @@
+"""The edit model (source latent as an extra deep-block prefix) and the pipeline that edits a user's image."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from starflow.config import FlowConfig
+from starflow.flow.block import Context, FlowBlock
+from starflow.flow.condition import Condition
+from starflow.flow.model import STARFlow
+from starflow.pipeline import StarflowPipeline
+
+
+# ---------------------------------------------------------------------------------------------------
+# The edit model
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditCondition(Condition):
+    """A Condition plus the source image as flow tokens [B, L, D] (kept in the null / guidance branch)."""
+
+    source: torch.Tensor | None = field(default=None)
+
+    def null(self) -> "EditCondition":
+        c = super().null()
+        return EditCondition(c.labels, c.text, c.text_mask, c.drop, self.source)
+
+    def cat(self, other: "EditCondition") -> "EditCondition":
+        c = super().cat(other)
+        src = None if self.source is None else torch.cat([self.source, other.source])
+        return EditCondition(c.labels, c.text, c.text_mask, c.drop, src)
+
+    def to(self, device) -> "EditCondition":
+        c = super().to(device)
+        return EditCondition(c.labels, c.text, c.text_mask, c.drop, None if self.source is None else self.source.to(device))
+
+
+class SourcePrefixBlock(FlowBlock):
+    """The deep block of an edit model: prefix = [projected source tokens + their positions ; condition]."""
+
+    def init_source(self, token_dim: int, num_tokens: int, width: int) -> None:
+        self.source_proj = nn.Linear(token_dim, width)
+        self.source_pos = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
+
+    def context(self, cond, batch: int, device, *args, **kwargs) -> Context:
+        ctx = super().context(cond, batch, device, *args, **kwargs)
+        src = getattr(cond, "source", None)
+        if src is None:
+            raise ValueError("an edit model needs the source image (source=...)")
+        s = self.source_proj(src.to(self.source_proj.weight.dtype)) + self.source_pos
+        valid = ctx.prefix_valid
+        if valid is not None:
+            valid = torch.cat([valid.new_ones(valid.shape[0], s.shape[1]), valid], dim=1)
+        ctx.prefix = torch.cat([s.to(ctx.prefix.dtype), ctx.prefix], dim=1)
+        ctx.prefix_valid = valid
+        return ctx
+
+
+class EditSTARFlow(STARFlow):
+    """STARFlow conditioned on a source image (deep-block prefix) and an instruction (text or class)."""
+
+    model_type = "starflow-edit"
+
+    def __init__(self, config: FlowConfig):
+        if not config.conditional or config.cond_mode != "prefix":
+            raise ValueError("an edit model needs a conditional config with cond_mode='prefix' "
+                             "(set cond_dim for text instructions)")
+        super().__init__(config)
+        deep = self.blocks[-1]
+        deep.__class__ = SourcePrefixBlock  # same weights and behaviour, plus the source prefix
+        deep.init_source(config.token_dim, config.num_tokens, config.width)
+        self._source = None
+
+    @classmethod
+    def from_base(cls, base: STARFlow) -> "EditSTARFlow":
+        """An edit model initialised from a trained STARFlow: every weight copied, the source projection new
+        (zero-initialised, so the source first enters through its position embedding only)."""
+        model = cls(base.config)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        new = [k for k in missing if "source_" not in k]
+        if new or unexpected:
+            raise ValueError(f"base model does not match: missing {new[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            model.blocks[-1].source_proj.weight.zero_()
+            model.blocks[-1].source_proj.bias.zero_()
+        return model.to(next(base.parameters()).device)
+
+    def source_tokens(self, source: torch.Tensor, batch: int) -> torch.Tensor:
+        if not isinstance(source, torch.Tensor) or source.ndim != 4 or tuple(source.shape[1:]) != self.image_shape:
+            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+            raise ValueError(f"source must be [B, {', '.join(map(str, self.image_shape))}] in the model's space, got {got}")
+        if source.shape[0] != batch:
+            raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
+        return self.patchify(source.float())
+
+    def make_condition(self, batch, y=None, text=None, device=None, source=None):
+        cond = super().make_condition(batch, y, text, device)
+        source = self._source if source is None else source
+        if source is None:
+            raise ValueError("an edit model needs the source image (source=...)")
+        tokens = self.source_tokens(source.to(device) if device is not None else source, batch)
+        return EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop, tokens)
+
+    def forward(self, x, y=None, text=None, cond=None, source=None):
+        if cond is None:
+            cond = self.make_condition(x.shape[0], y, text, x.device, source)
+        return super().forward(x, cond=cond)
+
+    def log_prob(self, x, y=None, text=None, cond=None, source=None):
+        if cond is None:
+            cond = self.make_condition(x.shape[0], y, text, x.device, source)
+        return super().log_prob(x, cond=cond)
+
+    def nll(self, x, y=None, text=None, source=None):
+        return -self.log_prob(x, y, text, source=source) / x[0].numel()
+
+    def loss(self, x, y=None, text=None, source=None, cond_drop: torch.Tensor | None = None):
+        """Mean NLL (nats/dim) of targets x given (instruction, source); the instruction (never the source)
+        is dropped to the null at ``cond_drop_prob`` (or where ``cond_drop`` is True)."""
+        cond = self.make_condition(x.shape[0], y, text, x.device, source)
+        if self.training and self.config.cond_drop_prob > 0:
+            if cond_drop is None:
+                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            else:
+                drop = cond_drop.to(device=x.device, dtype=torch.bool)
+            cond = EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop_mask() | drop, cond.source)
+        return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
+
+    @torch.no_grad()
+    def inverse(self, z, y=None, text=None, source=None, **kwargs):
+        self._source = source
+        try:
+            return super().inverse(z, y, text, **kwargs)
+        finally:
+            self._source = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline: edit a user's image
+# ---------------------------------------------------------------------------------------------------
+
+
+class EditPipeline(StarflowPipeline):
+    """A StarflowPipeline around an EditSTARFlow. ``edit(images, instructions)`` -> uint8 images.
+    ``sample`` (used by the trainer's previews) edits ``preview_sources`` when no source is given."""
+
+    preview_sources: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, instructions, guidance: float = 0.0, guidance_rule: str = "starflow",
+             temperature: float = 1.0, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        from starflow.encode import check_images, float_to_pixels
+
+        images = check_images(self, images)
+        x = self.sample(images.shape[0], prompt=instructions, source=images, guidance=guidance,
+                        guidance_rule=guidance_rule, temperature=temperature, generator=generator, **kwargs)
+        return float_to_pixels(self, x).cpu()
+
+    @torch.no_grad()
+    def sample(self, n, y=None, prompt=None, generator=None, device=None, source=None, **kwargs):
+        from starflow.encode import to_model_space
+
+        if source is None:
+            if self.preview_sources is None:
+                raise ValueError("editing needs source images")
+            source = self.preview_sources[torch.arange(n) % len(self.preview_sources)]
+        if source.dtype == torch.uint8:
+            source = to_model_space(self, source)
+        source = source.to(self.device)
+        if isinstance(prompt, str):
+            prompt = [prompt] * n
+        if prompt is not None and any(not p.strip() for p in prompt):
+            raise ValueError("empty instruction")
+        text = self.encode_prompts(prompt) if prompt is not None else None
+        model = self.model
+        x = model.sample(n, y=y, text=text, generator=generator, device=device or self.device, source=source, **kwargs)
+        if self.denoise == "tweedie" and self.noise_std > 0:
+            from starflow.denoise import tweedie_denoise
+
+            x = tweedie_denoise(lambda v: model.log_prob(v, y, text, source=source), x, self.noise_std)
+        if self.autoencoder is not None:
+            x = self.autoencoder.decode(x)
+        return x.clamp(-1, 1)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None) -> "EditPipeline":
+        from starflow.pipeline import INDEX
+
+        index_path = os.path.join(directory, INDEX)
+        if not os.path.exists(index_path):
+            raise FileNotFoundError(f"{directory} has no {INDEX}; is it a saved edit pipeline?")
+        with open(index_path) as f:
+            index = json.load(f)
+        model = EditSTARFlow.from_pretrained(os.path.join(directory, index["model"]), map_location=device)
+        autoencoder = text_encoder = None
+        if index.get("autoencoder"):
+            from starflow.autoencoder import Autoencoder
+
+            autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
+        if index.get("text_encoder"):
+            from starflow.text_encoder import TextEncoder
+
+            text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
+        return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))
