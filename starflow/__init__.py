@@ -2,6 +2,7 @@
 from starflow.config import FlowConfig, TrainConfig
 from starflow.flow.condition import Condition
 from starflow.flow.model import STARFlow
+from starflow.pipeline import StarflowPipeline
 
 __version__ = "0.1.0"
-__all__ = ["STARFlow", "FlowConfig", "TrainConfig", "Condition"]
+__all__ = ["STARFlow", "FlowConfig", "TrainConfig", "Condition", "StarflowPipeline"]
