@@ -120,14 +120,14 @@ def test_non_image_upload_is_refused(tmp_path):
 
 def test_upload_size_limits(tmp_path, monkeypatch):
     path = _png(tmp_path / "a.png", size=(64, 48))
-    monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", os.path.getsize(path) - 1)
+    monkeypatch.setattr(app.inputs, "MAX_UPLOAD_BYTES", os.path.getsize(path) - 1)
     with pytest.raises(gr.Error, match="MB; the limit"):
         app.load_upload(path)
-    monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 10**6)
-    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 64 * 48 - 1)
+    monkeypatch.setattr(app.inputs, "MAX_UPLOAD_BYTES", 10**6)
+    monkeypatch.setattr(app.inputs, "MAX_UPLOAD_PIXELS", 64 * 48 - 1)
     with pytest.raises(gr.Error, match="pixels"):
         app.load_upload(path)
-    monkeypatch.setattr(app, "MAX_UPLOAD_PIXELS", 64 * 48)
+    monkeypatch.setattr(app.inputs, "MAX_UPLOAD_PIXELS", 64 * 48)
     assert app.load_upload(path).size == (64, 48)
 
 
