@@ -85,18 +85,9 @@ class DigitClassifier(PretrainedMixin, nn.Module):
                 f"the digit classifier takes [N, {c}, {s}, {s}] images, got {tuple(images.shape)} "
                 "(channel count or image size differs from MNIST)"
             )
-        if images.dtype == torch.uint8:
-            x = images.float() / 127.5 - 1.0
-        elif images.is_floating_point():
-            x = images.float()
-            if not torch.isfinite(x).all():
-                raise ValueError("images contain NaN or inf")
-            if x.min() >= 0 and x.max() > 2.0:
-                raise ValueError("float images look like 0..255; pass uint8 or floats in [-1, 1]")
-            x = x.clamp(-1, 1)
-        else:
-            raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
-        return x.to(next(self.parameters()).device)
+        from starflow.evaluation.features import to_unit_range
+
+        return to_unit_range(images).to(next(self.parameters()).device)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:

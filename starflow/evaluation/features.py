@@ -51,6 +51,23 @@ __all__ = [
 ]
 
 
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels or floats in [-1, 1] -> float32 in [-1, 1]; refuses NaN/inf and 0..255 floats."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1.0
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    x = images.float()
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or inf")
+    if x.min() >= 0 and x.max() > 2.0:
+        raise ValueError(
+            f"float images have range [{x.min().item():.3g}, {x.max().item():.3g}], which looks like 0..255; "
+            "pass uint8 pixels or floats scaled to [-1, 1]"
+        )
+    return x.clamp(-1.0, 1.0)
+
+
 def prepare_images(images: torch.Tensor) -> torch.Tensor:
     """Validate ``images`` and return float32 ``[N, 3, H, W]`` in [-1, 1] (see module docstring)."""
     if not isinstance(images, torch.Tensor):
@@ -62,20 +79,7 @@ def prepare_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError("got an empty batch of images")
     if c not in (1, 3):
         raise ValueError(f"images must have 1 (grayscale) or 3 (RGB) channels, got {c} (shape {tuple(images.shape)})")
-    if images.dtype == torch.uint8:
-        x = images.float() / 127.5 - 1.0
-    elif images.is_floating_point():
-        x = images.float()
-        if not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or inf")
-        if x.min() >= 0 and x.max() > 2.0:
-            raise ValueError(
-                f"float images have range [{x.min().item():.3g}, {x.max().item():.3g}], which looks like 0..255; "
-                "pass uint8 pixels or floats scaled to [-1, 1]"
-            )
-        x = x.clamp(-1.0, 1.0)
-    else:
-        raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+    x = to_unit_range(images)
     if c == 1:
         x = x.expand(n, 3, h, w)
     return x
