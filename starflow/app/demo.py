@@ -48,6 +48,16 @@ class Slot:
         return self._pipe
 
 
+def _check_sampling(num_images, guidance, rule, temperature, seed, sampler) -> tuple:
+    """The sampling controls shared by the text and digits tabs, validated in the order the user sees them."""
+    return (check_int(num_images, "Number of images", 1, MAX_IMAGES),
+            check_float(guidance, "Guidance weight", 0.0, MAX_GUIDANCE),
+            check_choice(rule, "Guidance rule", _guidance_rules()),
+            check_float(temperature, "Temperature", MIN_TEMPERATURE, MAX_TEMPERATURE),
+            check_int(seed, "Seed", 0, MAX_SEED),
+            check_choice(sampler, "Sampler", SAMPLERS))
+
+
 def _sampler_kwargs(pipe, temperature: float, rule: str, sampler: str) -> dict:
     if getattr(pipe.model, "model_type", "starflow") != "starflow":  # peers: Euler sampler only
         return {}
@@ -111,12 +121,7 @@ class Demo:
     def text_to_image(self, prompt, num_images=4, guidance=1.0, rule="starflow", temperature=1.0, seed=0,
                       sampler="sequential", progress=None):
         prompt = check_prompt(prompt)
-        n = check_int(num_images, "Number of images", 1, MAX_IMAGES)
-        w = check_float(guidance, "Guidance weight", 0.0, MAX_GUIDANCE)
-        rule = check_choice(rule, "Guidance rule", _guidance_rules())
-        t = check_float(temperature, "Temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
-        seed = check_int(seed, "Seed", 0, MAX_SEED)
-        sampler = check_choice(sampler, "Sampler", SAMPLERS)
+        n, w, rule, t, seed, sampler = _check_sampling(num_images, guidance, rule, temperature, seed, sampler)
         pipe = self.text.get()
         if not pipe.is_text_conditional:
             raise gr.Error("The loaded model is not text-conditional.")
@@ -130,12 +135,7 @@ class Demo:
                     sampler="sequential", progress=None):
         from starflow.images import make_grid
 
-        n = check_int(num_images, "Number of images", 1, MAX_IMAGES)
-        w = check_float(guidance, "Guidance weight", 0.0, MAX_GUIDANCE)
-        rule = check_choice(rule, "Guidance rule", _guidance_rules())
-        t = check_float(temperature, "Temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
-        seed = check_int(seed, "Seed", 0, MAX_SEED)
-        sampler = check_choice(sampler, "Sampler", SAMPLERS)
+        n, w, rule, t, seed, sampler = _check_sampling(num_images, guidance, rule, temperature, seed, sampler)
         pipe = self.digits.get()
         label = check_int(label, "Class", 0, max(pipe.num_classes - 1, 0))
         y = torch.full((n,), label, dtype=torch.long) if pipe.num_classes else None
