@@ -11,13 +11,6 @@ pytest.importorskip("starflow.pipeline")
 pytest.importorskip("starflow.flow.model")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny_pipeline(tmp_path, latent: bool):
     from starflow.config import FlowConfig

@@ -19,14 +19,6 @@ from starflow.evaluation.likelihood import evaluate_nll, mean_with_ci
 from starflow.evaluation.precision_recall import knn_radii, precision_recall
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine has 2 cores shared by several jobs; 2 oversubscribed threads run ~3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def mnist_test():

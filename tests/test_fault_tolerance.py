@@ -40,7 +40,6 @@ train:
 LAUNCH = """
 import os, signal, sys
 import torch
-torch.set_num_threads(1)
 torch.manual_seed(0)
 kill_at = int(os.environ.get("KILL_DURING_CHECKPOINT", "0"))
 if kill_at:

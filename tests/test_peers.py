@@ -14,15 +14,6 @@ TINY_AR = dict(in_channels=4, image_size=8, width=32, depth=2, heads=2, head_wid
                sample_steps=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add sync overhead, and on a shared 2-core
-    machine spinning threads made the file ~50x slower. Restored afterwards for other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randomize_zero_params(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
     """adaLN-Zero makes an untrained model output exactly 0 whatever its input; tests of information

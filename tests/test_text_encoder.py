@@ -9,8 +9,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from starflow.flow.block import FlowBlock  # noqa: E402
 from starflow.lm_init import (init_deep_block_from_lm, lm_decoder_layers, lm_prompt_encoder,  # noqa: E402
                               lm_token_embeddings, load_causal_lm)
