@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from starflow import encode as E  # noqa: E402
-from starflow.inpaint import inpaint  # noqa: E402
+from starflow.tasks import encode as E  # noqa: E402
+from starflow.tasks.inpaint import inpaint  # noqa: E402
 from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 
 LINES: list[str] = []
@@ -192,7 +192,7 @@ def mnist_section(args) -> None:
     say(f"     inpaint with a WRONG class (tuned): classifier says the requested class "
         f"{ci((p == wrong).double().mean().item(), n)}, the original class {ci((p == ys).double().mean().item(), n)}")
     if args.examples:
-        from starflow.images import make_grid
+        from starflow.io.images import make_grid
 
         k = 10
         pick = list(range(k))  # one digit of each class
@@ -269,7 +269,7 @@ def shapes_section(args) -> None:
 # ------------------------------------------------------------------------------------------- editing
 
 def edit_section(args) -> None:
-    from starflow.editing import EDIT_KINDS, EditDataset, EditPipeline, score_edit
+    from starflow.tasks.editing import EDIT_KINDS, EditDataset, EditPipeline, score_edit
 
     pipe = EditPipeline.from_pretrained(args.edit_model)
     C, H, _ = pipe.image_shape
@@ -295,7 +295,7 @@ def edit_section(args) -> None:
             f"{np.mean([o['rest_ok'] for o in ok]):>11.3f}{orc:>8.3f}{cp:>6.3f}")
     say(f"    ({dt:.0f}s for {len(data)} edits)")
     if args.edit_examples:
-        from starflow.images import make_grid
+        from starflow.io.images import make_grid
 
         k = 8
         make_grid(torch.cat([src[:k], out[:k], tgt[:k]]), nrow=k).save(args.edit_examples)
@@ -313,7 +313,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--mnist-model", default=DEFAULT_DIGITS_MODEL)
     p.add_argument("--shapes-model", default=DEFAULT_TEXT_MODEL)
-    from starflow.editing import DEFAULT_EDIT_MODEL
+    from starflow.tasks.editing import DEFAULT_EDIT_MODEL
 
     p.add_argument("--edit-model", default=DEFAULT_EDIT_MODEL)
     p.add_argument("--examples", default="benchmarks/results/apps_mnist_inpaint.png")

@@ -106,7 +106,7 @@ def main(argv=None):
 
     from starflow.evaluation.features import get_extractor
     from starflow.evaluation.frechet import FeatureStats, compare_stats, reference_stats
-    from starflow.images import to_uint8
+    from starflow.io.images import to_uint8
     from starflow.models import model_class
 
     configs = {k: v for k, v in model_configs(args.dataset, args.width).items() if k in args.models.split(",")}

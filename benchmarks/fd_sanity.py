@@ -51,7 +51,7 @@ def gaussian_blur(x, sigma):
 
 
 def autoencoder_recon(x, batch=250):
-    from starflow.autoencoder import load_default_autoencoder
+    from starflow.components.autoencoder import load_default_autoencoder
 
     ae = load_default_autoencoder("mnist")
     ae.eval()

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 
-from starflow.plots import plot_guidance_sweep, plot_model_comparison
+from starflow.evaluation.plots import plot_guidance_sweep, plot_model_comparison
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 IMAGES = os.path.join(os.path.dirname(__file__), "..", "docs", "images")

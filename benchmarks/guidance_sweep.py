@@ -19,7 +19,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from starflow.images import to_uint8
+from starflow.io.images import to_uint8
 from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
 
 RULES = ("starflow", "tarflow", "tarflow-annealed")

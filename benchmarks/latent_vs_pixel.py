@@ -48,7 +48,7 @@ def main(argv=None):
     from starflow.evaluation.classifier import conditional_accuracy
     from starflow.evaluation.features import get_extractor
     from starflow.evaluation.frechet import FeatureStats, compare_stats, reference_stats
-    from starflow.images import to_uint8
+    from starflow.io.images import to_uint8
     from starflow.train.build import build_trainer
 
     extractor = get_extractor("effnetlite0")

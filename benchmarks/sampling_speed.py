@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from starflow.flops import measure_matmul_peak, sampling_flops
-from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
+from flops import measure_matmul_peak, sampling_flops
+from starflow.models import DEFAULT_DIGITS_MODEL
+from starflow.pipeline import load_pretrained
 
 
 def _sync():

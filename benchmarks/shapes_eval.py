@@ -38,7 +38,7 @@ def main(argv=None):
     from starflow.evaluation import shapes_eval
     from starflow.evaluation.features import get_extractor
     from starflow.evaluation.frechet import FeatureStats, compare_stats, reference_stats
-    from starflow.images import save_images, to_uint8
+    from starflow.io.images import save_images, to_uint8
     from starflow.pipeline import StarflowPipeline
 
     pipe = StarflowPipeline.from_pretrained(args.checkpoint, device=args.device)

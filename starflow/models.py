@@ -22,10 +22,3 @@ def model_class(model_type: str):
     module, name = MODEL_TYPES[model_type].split(":")
     return getattr(importlib.import_module(module), name)
 
-
-def load_pretrained(directory: str, map_location="cpu"):
-    """A ``StarflowPipeline`` for a pipeline or bare model directory: ``.sample(n, y=..., prompt=...)``
-    returns images in [-1, 1] whatever space the model lives in."""
-    from starflow.pipeline import StarflowPipeline
-
-    return StarflowPipeline.from_pretrained(directory, device=map_location)

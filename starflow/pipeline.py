@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from starflow.hub import atomic_write_bytes, read_config
+from starflow.io.hub import atomic_write_bytes, read_config
 
 INDEX = "model_index.json"
 DENOISE = ("decoder", "tweedie", "none")
@@ -108,7 +108,7 @@ class StarflowPipeline:
     def finish(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
         """A raw model sample -> images in [-1, 1]: denoise if the model was trained on noisy data, decode."""
         if self.denoise == "tweedie" and self.noise_std > 0 and hasattr(self.model, "log_prob"):
-            from starflow.denoise import tweedie_denoise
+            from starflow.components.denoise import tweedie_denoise
 
             x = tweedie_denoise(lambda v: self.model.log_prob(v, y, text), x, self.noise_std)
         if self.autoencoder is not None:
@@ -118,7 +118,7 @@ class StarflowPipeline:
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
         """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided)."""
-        from starflow.images import to_pil
+        from starflow.io.images import to_pil
 
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -171,11 +171,17 @@ class StarflowPipeline:
         model = _model_class(read_config(model_dir).get("model_type", "starflow")).from_pretrained(model_dir, map_location=device)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
-            from starflow.autoencoder import Autoencoder
+            from starflow.components.autoencoder import Autoencoder
 
             autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
         if index.get("text_encoder"):
-            from starflow.text_encoder import TextEncoder
+            from starflow.components.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
         return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))
+
+
+def load_pretrained(directory: str, map_location="cpu") -> StarflowPipeline:
+    """A ``StarflowPipeline`` for a pipeline or bare model directory: ``.sample(n, y=..., prompt=...)``
+    returns images in [-1, 1] whatever space the model lives in."""
+    return StarflowPipeline.from_pretrained(directory, device=map_location)

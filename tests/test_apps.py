@@ -9,9 +9,9 @@ from PIL import Image
 
 from conftest import perturbed, tiny_config
 from starflow import FlowConfig, STARFlow
-from starflow import encode as E
-from starflow.autoencoder import Autoencoder
-from starflow.inpaint import binarize_mask, cell_mask, inpaint, load_mask, token_mask
+from starflow.tasks import encode as E
+from starflow.components.autoencoder import Autoencoder
+from starflow.tasks.inpaint import binarize_mask, cell_mask, inpaint, load_mask, token_mask
 from starflow.pipeline import StarflowPipeline
 
 

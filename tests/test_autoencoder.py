@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from starflow.autoencoder import (DIFFUSERS_WEIGHTS, Autoencoder, default_autoencoder_dir, images_to_float,
+from starflow.components.autoencoder import (DIFFUSERS_WEIGHTS, Autoencoder, default_autoencoder_dir, images_to_float,
                                   load_default_autoencoder)
 from starflow.data.latents import LatentDataset, add_latent_noise
-from starflow.denoise import clean_latents, tweedie_denoise
+from starflow.components.denoise import clean_latents, tweedie_denoise
 
 
 def tiny_vae(in_ch=1, latent=4, blocks=(8, 8), attention=False):

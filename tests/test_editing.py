@@ -12,9 +12,9 @@ import torch
 from conftest import perturbed
 from starflow import FlowConfig, STARFlow
 from starflow.data.shapes import Claim, ObjectSpec, Requirement, SceneSpec, render_spec
-from starflow.editing import (DIRECTIONS, EDIT_KINDS, MOVE_PX, EditDataset, EditPipeline, EditSTARFlow, Instruction,
+from starflow.tasks.editing import (DIRECTIONS, EDIT_KINDS, MOVE_PX, EditDataset, EditPipeline, EditSTARFlow, Instruction,
                               apply_instruction, build_edit_trainer, infer_edit, parse_instruction, score_edit)
-from starflow.text_encoder import TextEmbedding
+from starflow.components.text_encoder import TextEmbedding
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_edit_pipeline_and_training_with_the_project_trainer(tmp_path):
 def test_edit_cli(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    import starflow.editing as editing
+    import starflow.tasks.editing as editing
     from starflow.cli import main
 
     torch.manual_seed(0)

@@ -64,9 +64,9 @@ class RealDigitsModel(torch.nn.Module):
 def _run_cli(monkeypatch, model, argv):
     from starflow.cli import eval as eval_cli
 
-    fake = types.ModuleType("starflow.models")
+    fake = types.ModuleType("starflow.pipeline")
     fake.load_pretrained = lambda path, *a, **k: model
-    monkeypatch.setitem(sys.modules, "starflow.models", fake)
+    monkeypatch.setitem(sys.modules, "starflow.pipeline", fake)
     parser = argparse.ArgumentParser(prog="starflow")
     sub = parser.add_subparsers(dest="command", required=True)
     p = eval_cli.add_parser(sub, "eval")

@@ -19,7 +19,7 @@ def _tiny_pipeline(tmp_path, latent: bool):
 
     torch.manual_seed(0)
     if latent:
-        from starflow.autoencoder import available_default_autoencoders, load_default_autoencoder
+        from starflow.components.autoencoder import available_default_autoencoders, load_default_autoencoder
 
         if "mnist" not in available_default_autoencoders():
             pytest.skip("the default MNIST autoencoder is not shipped")

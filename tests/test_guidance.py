@@ -6,7 +6,7 @@ import torch
 
 from conftest import perturbed, tiny_config
 from starflow import STARFlow
-from starflow.guidance import guide
+from starflow.flow.guidance import guide
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64).view(1, -1, 1)  # noqa: E731
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES
-from starflow.convert import from_tarflow
+from starflow.convert.tarflow import from_tarflow
 
 PATH = os.path.join(FIXTURES, "tarflow_official_small.safetensors")
 pytestmark = pytest.mark.skipif(not os.path.exists(PATH), reason="shared fixture not present")

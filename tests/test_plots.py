@@ -1,4 +1,4 @@
-"""starflow.plots and ``starflow plot``: figures from a synthetic run directory and benchmark JSON files."""
+"""starflow.evaluation.plots and ``starflow plot``: figures from a synthetic run directory and benchmark JSON files."""
 import json
 import math
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from starflow import plots
+from starflow.evaluation import plots
 from starflow.cli import main
 
 

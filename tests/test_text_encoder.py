@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from starflow.flow.block import FlowBlock  # noqa: E402
-from starflow.lm_init import (init_deep_block_from_lm, lm_decoder_layers, lm_prompt_encoder,  # noqa: E402
+from starflow.components.lm_init import (init_deep_block_from_lm, lm_decoder_layers, lm_prompt_encoder,  # noqa: E402
                               lm_token_embeddings, load_causal_lm)
-from starflow.text_encoder import TextEmbedding, TextEncoder, minilm_dir  # noqa: E402
+from starflow.components.text_encoder import TextEmbedding, TextEncoder, minilm_dir  # noqa: E402
 
 SENTENCES = ["a red circle", "two blue squares to the left of a green triangle", "three yellow stars",
              "a big purple square above a small orange circle", "the cat sat on the mat"]
@@ -313,7 +313,7 @@ def test_gemma_style_init_qk_norm_and_scale(tmp_path):
 
 
 def test_precomputed_table_matches_live_encoder(tmp_path):
-    from starflow.text_encoder import TextEncoder, save_text_table
+    from starflow.components.text_encoder import TextEncoder, save_text_table
 
     enc = TextEncoder.from_pretrained("minilm")
     caps = ["a red circle", "two blue squares above a green triangle"]

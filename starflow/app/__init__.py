@@ -16,7 +16,7 @@ Tabs
   weight and rule, temperature, seed, sampler (sequential | jacobi) -> gallery.
 * **Digits** (class-conditional model): class 0-9 -> one grid.
 * **Inpainting**: upload an image or pick an example, paint the region to regenerate (or pick a preset
-  mask) -> completions, through ``starflow.inpaint.inpaint`` when that module exists; otherwise the tab
+  mask) -> completions, through ``starflow.tasks.inpaint.inpaint`` when that module exists; otherwise the tab
   says it is not available.
 * **Encode -> decode** (flows): an image -> its exact noise z = f(x), the round trip f^-1(f(x)), the
   largest round-trip error and the image's bits/dim (pixel models; latent models report nats/dim of the

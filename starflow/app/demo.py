@@ -133,7 +133,7 @@ class Demo:
     # ---- Digits ------------------------------------------------------------------------------------------
     def digits_grid(self, label, num_images=16, guidance=1.0, rule="starflow", temperature=1.0, seed=0,
                     sampler="sequential", progress=None):
-        from starflow.images import make_grid
+        from starflow.io.images import make_grid
 
         n, w, rule, t, seed, sampler = _check_sampling(num_images, guidance, rule, temperature, seed, sampler)
         pipe = self.digits.get()
@@ -146,7 +146,7 @@ class Demo:
             f"{n} samples ({what}) in {dt:.2f} s ({sampler}, w={w:g}, {rule} rule, T={t:g})."
 
     def _sample(self, pipe, n, seed, progress, y=None, prompt=None, guidance=0.0, as_tensor=False, **kw):
-        from starflow.images import to_pil
+        from starflow.io.images import to_pil
 
         if guidance:
             kw["guidance"] = guidance
@@ -169,9 +169,9 @@ class Demo:
 
     # ---- Encode -> decode ----------------------------------------------------------------------------------
     def encode_decode(self, upload, which="digits", label=0, prompt="", progress=None):
-        """-> (input as the model sees it, noise image, round trip, markdown report). Uses starflow.encode."""
-        from starflow import encode as E
-        from starflow.images import to_pil
+        """-> (input as the model sees it, noise image, round trip, markdown report). Uses starflow.tasks.encode."""
+        from starflow.tasks import encode as E
+        from starflow.io.images import to_pil
 
         slot = self._slot(which)
         img = load_upload(upload)
@@ -226,7 +226,7 @@ class Demo:
         import importlib.util
 
         try:
-            return importlib.util.find_spec("starflow.inpaint") is not None
+            return importlib.util.find_spec("starflow.tasks.inpaint") is not None
         except (ImportError, ValueError):
             return False
 
@@ -270,7 +270,7 @@ class Demo:
         img = load_upload(upload)
         pipe = self._slot(which).get()
         x8, note = to_model_image(img, pipe.image_shape)
-        from starflow.images import to_pil
+        from starflow.io.images import to_pil
 
         bg = upscale(to_pil(x8[0]).convert("RGB"), EDITOR_SIDE)
         return {"background": bg, "layers": [], "composite": bg}, note + " Paint the region to regenerate."
@@ -313,8 +313,8 @@ class Demo:
                 steps=5, guidance=0.0, progress=None):
         if not self.inpaint_available():
             raise gr.Error(NOT_AVAILABLE_INPAINT)
-        from starflow.images import to_pil
-        from starflow.inpaint import inpaint as inpaint_fn
+        from starflow.io.images import to_pil
+        from starflow.tasks.inpaint import inpaint as inpaint_fn
 
         n = check_int(num_images, "Number of completions", 1, MAX_IMAGES)
         seed = check_int(seed, "Seed", 0, MAX_SEED)
@@ -349,7 +349,7 @@ class Demo:
 
 
 def _as_pil_list(out) -> list[Image.Image]:
-    from starflow.images import to_pil
+    from starflow.io.images import to_pil
 
     if isinstance(out, Image.Image):
         return [out]

@@ -24,7 +24,7 @@ EDITOR_SIDE = 256       # the inpainting canvas side
 DEFAULT_CONCURRENCY = 1
 DEFAULT_QUEUE_SIZE = 32
 MASK_PRESETS = ("painted", "left half", "right half", "top half", "bottom half", "centre square")
-NOT_AVAILABLE_INPAINT = ("Inpainting is not available in this installation: the module `starflow.inpaint` "
+NOT_AVAILABLE_INPAINT = ("Inpainting is not available in this installation: the module `starflow.tasks.inpaint` "
                          "(function `inpaint(pipe, image, mask, ...)`) is missing.")
 
 
@@ -81,7 +81,7 @@ def check_choice(value, name: str, choices) -> str:
 
 
 def _guidance_rules() -> tuple[str, ...]:
-    from starflow.guidance import RULES
+    from starflow.flow.guidance import RULES
 
     return tuple(RULES)
 
@@ -169,7 +169,7 @@ def upscale(img: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 def noise_to_image(z: torch.Tensor) -> Image.Image:
     """Noise [C, H, W] -> a picture: -3 maps to black, +3 to white; 1 or 3 channels directly, other
     channel counts side by side as grey tiles."""
-    from starflow.images import make_grid, to_pil
+    from starflow.io.images import make_grid, to_pil
 
     u = ((z.float().clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)
     if u.shape[0] in (1, 3):

@@ -15,7 +15,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from starflow.convert import from_tarflow
+    from starflow.convert.tarflow import from_tarflow
 
     with open(args.config) as f:
         cfg = json.load(f)

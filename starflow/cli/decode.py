@@ -17,7 +17,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     import os
 
-    from starflow import encode as E
+    from starflow.tasks import encode as E
     from starflow.pipeline import StarflowPipeline
 
     apply_threads(args.threads)

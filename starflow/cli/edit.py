@@ -1,5 +1,5 @@
 """``starflow edit``: edit an image by an instruction ("make the circle blue", "remove the square",
-"add a red triangle", "move the triangle to the left") with an edit model (see ``starflow.editing``)."""
+"add a red triangle", "move the triangle to the left") with an edit model (see ``starflow.tasks.editing``)."""
 from __future__ import annotations
 
 from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
@@ -31,8 +31,8 @@ def run(args) -> int:
 
     import torch
 
-    from starflow import encode as E
-    from starflow.editing import DEFAULT_EDIT_MODEL, EditPipeline, infer_edit, parse_instruction
+    from starflow.tasks import encode as E
+    from starflow.tasks.editing import DEFAULT_EDIT_MODEL, EditPipeline, infer_edit, parse_instruction
 
     apply_threads(args.threads)
     if not args.instruction.strip():

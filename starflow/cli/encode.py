@@ -23,7 +23,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from starflow import encode as E
+    from starflow.tasks import encode as E
     from starflow.cli.generate import default_model
     from starflow.pipeline import StarflowPipeline
 

@@ -25,7 +25,7 @@ def _sample_arg(text: str):
 def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help="evaluate a checkpoint: FD-EffNetLite0, precision/recall, accuracy, NLL",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="saved model directory (loaded with starflow.models.load_pretrained)")
+    p.add_argument("checkpoint", help="saved model directory (loaded with starflow.pipeline.load_pretrained)")
     p.add_argument("--metrics", default="fd,pr,acc,nll",
                    help="comma-separated subset of fd,fid,pr,acc,nll (default: fd,pr,acc,nll)")
     p.add_argument("--num-samples", type=int, default=1000, help="number of generated images (default 1000)")
@@ -56,7 +56,7 @@ def run(args) -> int:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = resolve_device(args.device)
-    from starflow.models import load_pretrained  # lazy: written alongside this module
+    from starflow.pipeline import load_pretrained
 
     model = load_pretrained(args.checkpoint, map_location=str(device))
     if hasattr(model, "to"):

@@ -53,7 +53,7 @@ def check_encoder_identical(original_dir: str, new_dir: str) -> int:
     """Raise if any encoder-side tensor differs bit-for-bit; return how many were compared."""
     from safetensors.torch import load_file
 
-    from starflow.autoencoder import DIFFUSERS_WEIGHTS, ENCODER_PREFIXES
+    from starflow.components.autoencoder import DIFFUSERS_WEIGHTS, ENCODER_PREFIXES
 
     a = load_file(os.path.join(original_dir, DIFFUSERS_WEIGHTS))
     b = load_file(os.path.join(new_dir, DIFFUSERS_WEIGHTS))
@@ -65,7 +65,7 @@ def check_encoder_identical(original_dir: str, new_dir: str) -> int:
 
 
 def run(args) -> int:
-    from starflow.autoencoder import Autoencoder, resolve_autoencoder
+    from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
     from starflow.cli.train_autoencoder import split_train_test
     from starflow.train.autoencoder_trainer import (FinetuneConfig, config_to_dict, finetune_decoder,
                                                     reconstruction_psnr)

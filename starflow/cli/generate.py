@@ -42,7 +42,7 @@ def default_model(prompt: str | None) -> str:
 def run(args) -> int:
     import torch
 
-    from starflow.images import save_images
+    from starflow.io.images import save_images
     from starflow.pipeline import StarflowPipeline
 
     apply_threads(args.threads)

@@ -1,5 +1,5 @@
 """``starflow inpaint``: regenerate the white part of a mask, keeping the rest of the image
-(training-free, iterative resampling through the exact inverse; see ``starflow.inpaint``)."""
+(training-free, iterative resampling through the exact inverse; see ``starflow.tasks.inpaint``)."""
 from __future__ import annotations
 
 from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
@@ -32,9 +32,9 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from starflow import encode as E
+    from starflow.tasks import encode as E
     from starflow.cli.generate import default_model
-    from starflow.inpaint import inpaint, load_mask
+    from starflow.tasks.inpaint import inpaint, load_mask
     from starflow.pipeline import StarflowPipeline
 
     apply_threads(args.threads)

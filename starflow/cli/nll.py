@@ -24,7 +24,8 @@ def run(args) -> int:
     import torch
 
     from starflow.data import build_dataset
-    from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
+    from starflow.models import DEFAULT_DIGITS_MODEL
+    from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
@@ -51,7 +52,7 @@ def run(args) -> int:
 def _one_image(args, device) -> int:
     import torch
 
-    from starflow import encode as E
+    from starflow.tasks import encode as E
     from starflow.models import DEFAULT_DIGITS_MODEL
     from starflow.pipeline import StarflowPipeline
 

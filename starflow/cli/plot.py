@@ -1,6 +1,6 @@
 """``starflow plot RUN_DIR``: training curves (loss, bits/dim for pixel runs, FD), a contact sheet of the
 sample grids over training; optionally the guidance-sweep and model-comparison figures from benchmark
-JSON files (schemas in ``starflow.plots``)."""
+JSON files (schemas in ``starflow.evaluation.plots``)."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from starflow import plots
+    from starflow.evaluation import plots
 
     if not (args.run_dir or args.guidance_sweep or args.model_comparison):
         raise ValueError("give RUN_DIR and/or --guidance-sweep / --model-comparison")

@@ -52,8 +52,9 @@ def sampling_kwargs(args, pipe) -> dict:
 def run(args) -> int:
     import torch
 
-    from starflow.images import save_images
-    from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
+    from starflow.io.images import save_images
+    from starflow.models import DEFAULT_DIGITS_MODEL
+    from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
     device = resolve_device(args.device)

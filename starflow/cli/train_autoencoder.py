@@ -76,7 +76,7 @@ def split_train_test(name: str, image_size, channels):
 
 
 def run(args) -> int:
-    from starflow.autoencoder import Autoencoder
+    from starflow.components.autoencoder import Autoencoder
     from starflow.train.autoencoder_trainer import (AutoencoderTrainConfig, config_to_dict, reconstruction_psnr,
                                                     train_autoencoder)
 

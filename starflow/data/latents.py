@@ -113,7 +113,7 @@ class LatentDataset(Dataset):
     """(latent, label) pairs from a cached encode of ``dataset``.
 
     Args:
-        autoencoder: a ``starflow.autoencoder.Autoencoder``.
+        autoencoder: a ``starflow.components.autoencoder.Autoencoder``.
         dataset: any dataset whose items are ``(image uint8 [C,H,W], label, ...)`` (or with an
             ``.images`` tensor attribute).
         name, split: identify the data in the cache file name and key.
@@ -163,7 +163,7 @@ class LatentDataset(Dataset):
             return None
 
     def _save(self, latents, labels):
-        from starflow.hub import atomic_save_safetensors
+        from starflow.io.hub import atomic_save_safetensors
 
         meta = {"key": self.key, "name": self.name, "split": self.split, "flip": str(self.flip),
                 "version": CACHE_VERSION}
@@ -186,7 +186,7 @@ def build_latent_dataset(name: str, split: str = "train", autoencoder="mnist", c
                          flip: bool = False, device=None, image_size: int | None = None) -> LatentDataset:
     """Latent dataset of a named dataset. ``autoencoder``: an ``Autoencoder``, a shipped name
     (``mnist``, ``mnist_ft``, ``shapes``, ...) or a diffusers directory (``--vae PATH``)."""
-    from starflow.autoencoder import Autoencoder, resolve_autoencoder
+    from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
 
     ds = load_named_dataset(name, split, image_size=image_size)
     if not isinstance(autoencoder, Autoencoder):

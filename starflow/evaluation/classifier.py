@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starflow.hub import PretrainedMixin, atomic_write_bytes
+from starflow.io.hub import PretrainedMixin, atomic_write_bytes
 
 __all__ = [
     "DigitClassifierConfig",

@@ -241,7 +241,7 @@ def reference_stats(dataset: str, split: str, extractor, n: int | None = None, s
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=feats,
              meta=np.array(json.dumps(meta, sort_keys=True)))
-    from starflow.hub import atomic_write_bytes
+    from starflow.io.hub import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())
     return stats, feats

@@ -397,7 +397,7 @@ def _jsonable(o):
 
 
 def write_json(report: dict, path: str) -> None:
-    from starflow.hub import atomic_write_bytes
+    from starflow.io.hub import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
 

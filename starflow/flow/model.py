@@ -14,9 +14,9 @@ from einops import rearrange
 from starflow.config import FlowConfig
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
-from starflow.guidance import check_guidance
-from starflow.hub import PretrainedMixin
-from starflow.sampling import SamplerOptions, invert_block
+from starflow.flow.guidance import check_guidance
+from starflow.io.hub import PretrainedMixin
+from starflow.flow.sampling import SamplerOptions, invert_block
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from starflow.hub import PretrainedMixin
+from starflow.io.hub import PretrainedMixin
 from starflow.peers.mmdit import (Condition, ConditionEncoder, FeedForward, FinalLayer, TimestepEmbedder,
                                   init_adaln_zero, modulate, sincos_pos_embed)
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from starflow.hub import PretrainedMixin
+from starflow.io.hub import PretrainedMixin
 from starflow.peers.mmdit import Condition, ConditionEncoder, MMDiT
 
 TIMESTEP_SAMPLERS = ("logit-normal", "mode", "cosmap", "uniform")

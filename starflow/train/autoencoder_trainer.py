@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from starflow.autoencoder import Autoencoder, images_to_float
+from starflow.components.autoencoder import Autoencoder, images_to_float
 
 
 @dataclass

@@ -22,7 +22,7 @@ def build_trainer(run: RunConfig) -> Trainer:
     base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
     dataset, autoencoder, decoder = base, None, None
     if tcfg.autoencoder:
-        from starflow.autoencoder import resolve_autoencoder
+        from starflow.components.autoencoder import resolve_autoencoder
         from starflow.data.latents import LatentDataset
 
         autoencoder = resolve_autoencoder(tcfg.autoencoder, image_channels=base.image_shape[0])
@@ -43,7 +43,7 @@ def build_trainer(run: RunConfig) -> Trainer:
     condition_fn = preview = text_encoder = None
     if tcfg.text_encoder:
         from starflow.data.captioned import TextTable
-        from starflow.text_encoder import TextEncoder
+        from starflow.components.text_encoder import TextEncoder
 
         if not hasattr(base, "captions"):
             raise ValueError(f"dataset {tcfg.dataset!r} has no captions; text_encoder needs a captioned dataset")

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from starflow.hub import load_safetensors
+from starflow.io.hub import load_safetensors
 from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"

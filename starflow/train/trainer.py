@@ -35,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from starflow.config import TrainConfig
-from starflow.images import save_images
+from starflow.io.images import save_images
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
 from starflow.train.ema import make_ema
@@ -183,7 +183,7 @@ class Trainer:
         x, y = x.to(self.device), y.to(self.device)
         shape = (B, *x.shape[1:])
         rows = slice(lo, lo + A * mb)
-        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.images.dequantize
+        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.io.images.dequantize
             x = (x.float() + torch.rand(shape, device=self.device)[rows]) / 128.0 - 1.0
         else:
             x = x.float()

@@ -16,7 +16,7 @@ import torch
 
 from starflow.config import FlowConfig
 from starflow.flow.model import STARFlow
-from starflow.hub import load_safetensors
+from starflow.io.hub import load_safetensors
 
 _LAYER = re.compile(r"blocks\.(\d+)\.attn_blocks\.(\d+)\.(.*)")
 _BLOCK = re.compile(r"blocks\.(\d+)\.(proj_in\.weight|proj_in\.bias|proj_out\.weight|proj_out\.bias|pos_embed|class_embed)$")

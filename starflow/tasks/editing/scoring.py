@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from starflow.data.shapes import (REFERENCE_SIZE)
-from starflow.editing.data import Instruction, MOVE_PX, TOL_PX, parse_instruction
+from starflow.tasks.editing.data import Instruction, MOVE_PX, TOL_PX, parse_instruction
 
 # ---------------------------------------------------------------------------------------------------
 # Scoring with the ShapesEval detector

@@ -38,17 +38,17 @@ dropped to the learned null with ``cond_drop_prob`` (classifier-free guidance on
 is never dropped. :meth:`EditSTARFlow.from_base` starts from a trained text-conditional STARFlow (all its
 weights; only the source projection is new), which is the paper's fine-tuning recipe.
 """
-from starflow.editing.data import (  # noqa: F401
+from starflow.tasks.editing.data import (  # noqa: F401
     DEFAULT_EDIT_MODEL, DIRECTIONS, EDIT_KINDS, EDIT_SPLIT_SEEDS, EDIT_TEST_SEED, EDIT_TRAIN_SEED,
     EditDataset, EditExample, GRAMMAR, Instruction, MOVE_PX, SOURCE_CATEGORIES, TOL_PX,
     apply_instruction, describe, parse_instruction, sample_edit,
 )
-from starflow.editing.scoring import (  # noqa: F401
+from starflow.tasks.editing.scoring import (  # noqa: F401
     infer_edit, score_edit,
 )
-from starflow.editing.model import (  # noqa: F401
+from starflow.tasks.editing.model import (  # noqa: F401
     EditCondition, EditPipeline, EditSTARFlow, SourcePrefixBlock,
 )
-from starflow.editing.train import (  # noqa: F401
+from starflow.tasks.editing.train import (  # noqa: F401
     SCRATCH_CONFIG, build_edit_trainer, save_shipped, train_main,
 )

@@ -135,17 +135,17 @@ def pixels_to_float(pipe, images: torch.Tensor) -> torch.Tensor:
     the autoencoder's ``x / 127.5 - 1`` for latent models); ``float_to_pixels`` inverts it exactly."""
     if pipe.autoencoder is None:
         return (images.float() + 0.5) / 128.0 - 1.0
-    from starflow.autoencoder import images_to_float
+    from starflow.components.autoencoder import images_to_float
 
     return images_to_float(images)
 
 
 def float_to_pixels(pipe, x: torch.Tensor) -> torch.Tensor:
     if pipe.autoencoder is None:
-        from starflow.images import to_uint8
+        from starflow.io.images import to_uint8
 
         return to_uint8(x)
-    from starflow.autoencoder import images_to_uint8
+    from starflow.components.autoencoder import images_to_uint8
 
     return images_to_uint8(x)
 
@@ -237,7 +237,7 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
     labels, text = condition_args(pipe, images.shape[0], y, prompt)
     if pipe.autoencoder is not None:
         return model.nll(to_model_space(pipe, images), labels, text).cpu(), "nats/dim"
-    from starflow.images import dequantize
+    from starflow.io.images import dequantize
 
     total = torch.zeros(images.shape[0], dtype=torch.float64)
     for _ in range(samples):
@@ -253,7 +253,7 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
 
 def save_noise(path: str, z: torch.Tensor, model_dir: str | None = None, y=None, prompt=None, **extra) -> None:
     """Write z to a safetensors file; metadata records the model and the condition used."""
-    from starflow.hub import atomic_save_safetensors
+    from starflow.io.hub import atomic_save_safetensors
 
     meta = {"format": NOISE_FORMAT, "model": os.path.abspath(model_dir) if model_dir else "",
             "class": json.dumps(None if y is None else torch.as_tensor(y).reshape(-1).tolist()),
@@ -404,7 +404,7 @@ class notes:
 
 def save_image(images: torch.Tensor, path: str) -> None:
     """One uint8 image [C, H, W] (or a batch, saved as a grid) to a PNG."""
-    from starflow.images import make_grid, to_pil
+    from starflow.io.images import make_grid, to_pil
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = _as_batch(images)

@@ -256,6 +256,6 @@ def init_deep_block_from_lm(block: nn.Module, lm, lm_layers: list[int] | None = 
 
 def lm_prompt_encoder(lm_dir: str, max_length: int = 32, gguf_file: str | None = None, **kwargs):
     """A TextEncoder that embeds prompt tokens with the LM's own table (the encoder-free prefix)."""
-    from starflow.text_encoder import TextEncoder
+    from starflow.components.text_encoder import TextEncoder
 
     return TextEncoder.from_pretrained(lm_dir, max_length=max_length, mode="embeddings", gguf_file=gguf_file, **kwargs)

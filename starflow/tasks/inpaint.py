@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from starflow.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
+from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
                              pixels_to_float)
 
 BLENDS = ("paste", "decoded")
@@ -219,7 +219,7 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
         x = torch.where(cm, x_new, known)
     sample = x
     if denoise and pipe.denoise == "tweedie" and pipe.noise_std > 0 and hasattr(model, "log_prob"):
-        from starflow.denoise import tweedie_denoise
+        from starflow.components.denoise import tweedie_denoise
 
         cleaned = tweedie_denoise(lambda v: model.log_prob(v, labels, text), x, pipe.noise_std)
         x = torch.where(cm, cleaned, known)

@@ -1,4 +1,4 @@
-"""Training an edit model with the project trainer (``python -m starflow.editing``)."""
+"""Training an edit model with the project trainer (``python -m starflow.tasks.editing``)."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ import torch
 
 from starflow.config import FlowConfig
 from starflow.pipeline import StarflowPipeline
-from starflow.editing.data import EditDataset
-from starflow.editing.model import EditPipeline, EditSTARFlow
+from starflow.tasks.editing.data import EditDataset
+from starflow.tasks.editing.model import EditPipeline, EditSTARFlow
 
 # ---------------------------------------------------------------------------------------------------
 # Training (the project trainer)
@@ -44,7 +44,7 @@ def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_e
     src = torch.stack([data[i][0] for i in range(len(data))])
     tgt = torch.stack([data[i][1] for i in range(len(data))])
     pipe_probe = EditPipeline(model, autoencoder, text_encoder, train_cfg.noise_std)
-    from starflow.encode import to_model_space
+    from starflow.tasks.encode import to_model_space
 
     with torch.no_grad():
         sources = torch.cat([to_model_space(pipe_probe, src[i:i + 256]) for i in range(0, len(src), 256)]).cpu()
@@ -83,7 +83,7 @@ SCRATCH_CONFIG = dict(in_channels=4, image_size=8, patch_size=2, width=128, head
 
 
 def train_main(argv=None) -> str:
-    """``python -m starflow.editing``: train (or fine-tune with --base) an edit model on EditDataset('train').
+    """``python -m starflow.tasks.editing``: train (or fine-tune with --base) an edit model on EditDataset('train').
 
     With ``--base DIR`` (a text-to-image pipeline, e.g. starflow/assets/starflow_shapes) every weight, the
     autoencoder, the text encoder and noise_std come from it (the paper's fine-tuning). Without it a latent
@@ -92,7 +92,7 @@ def train_main(argv=None) -> str:
 
     from starflow.config import TrainConfig
 
-    p = argparse.ArgumentParser(prog="python -m starflow.editing", description=train_main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m starflow.tasks.editing", description=train_main.__doc__.split("\n")[0])
     p.add_argument("--base", help="text-to-image pipeline to fine-tune (default: train from scratch)")
     p.add_argument("--autoencoder", default="shapes", help="scratch only: encoder (shipped name or directory)")
     p.add_argument("--decoder", default="shapes_ft", help="scratch only: decoder to ship (shipped name or directory); "
@@ -119,8 +119,8 @@ def train_main(argv=None) -> str:
         encoder = decoder = base.autoencoder
         text_encoder, noise_std = base.text_encoder, base.noise_std
     else:
-        from starflow.autoencoder import resolve_autoencoder
-        from starflow.text_encoder import TextEncoder
+        from starflow.components.autoencoder import resolve_autoencoder
+        from starflow.components.text_encoder import TextEncoder
 
         encoder, decoder = resolve_autoencoder(args.autoencoder), resolve_autoencoder(args.decoder)
         text_encoder, noise_std = TextEncoder.from_pretrained(args.text_encoder), args.noise_std
@@ -135,7 +135,7 @@ def train_main(argv=None) -> str:
     print(f"exported edit pipeline -> {out}")
     if args.ship:
         pipe = EditPipeline.from_pretrained(out)
-        recipe = ("python -m starflow.editing " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+        recipe = ("python -m starflow.tasks.editing " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
         save_shipped(pipe, args.ship, recipe)
         print(f"shipped (float16 weights) -> {args.ship}")
     return out
@@ -153,7 +153,7 @@ def save_shipped(pipe: EditPipeline, directory: str, recipe: str = "") -> None:
     if pipe.autoencoder is not None:
         pipe.autoencoder.save_pretrained(os.path.join(directory, "autoencoder"), dtype=torch.float16)
     with open(os.path.join(directory, "RECIPE.md"), "w") as f:
-        f.write("# starflow_edit: instruction-editing model (starflow.editing.EditSTARFlow)\n\n"
+        f.write("# starflow_edit: instruction-editing model (starflow.tasks.editing.EditSTARFlow)\n\n"
                 f"Trained with:\n\n    {recipe}\n\nWeights stored as float16. Scores: benchmarks/apps.py "
                 "section [3] (benchmarks/results/apps.txt).\n")
 

@@ -261,7 +261,7 @@ class Autoencoder(nn.Module):
     def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers model directory (+ sidecar). ``dtype`` (e.g. torch.float16) only changes
         the stored weights, not this module."""
-        from starflow.hub import atomic_save_safetensors, atomic_write_bytes
+        from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
 
         os.makedirs(directory, exist_ok=True)
         vae = self.vae

@@ -1,6 +1,6 @@
 """Training and benchmark figures as PNG files (matplotlib, Agg backend: no display needed).
 
-    from starflow.plots import plot_run
+    from starflow.evaluation.plots import plot_run
     paths, notes = plot_run("runs/mnist_starflow", "runs/mnist_starflow/plots")
 
 or ``starflow plot RUN_DIR [--out DIR]``. What a run directory gives:

@@ -28,7 +28,7 @@ LRU limit.
 Modes: ``"hidden"`` (default) returns the model's last hidden states. ``"embeddings"`` returns only the
 model's input token embeddings (for a causal LM directory this is the encoder-free variant of the paper:
 the raw prompt tokens, embedded by the LM's own table, become the deep block's prefix; see
-``starflow.lm_init``).
+``starflow.components.lm_init``).
 
 ``to_spec()`` gives a JSON-able dict that ``TextEncoder.from_spec`` turns back into the same encoder; a
 saved pipeline stores it in ``model_index.json``.

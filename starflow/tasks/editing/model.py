@@ -154,7 +154,7 @@ class EditPipeline(StarflowPipeline):
     @torch.no_grad()
     def edit(self, images: torch.Tensor, instructions, guidance: float = 0.0, guidance_rule: str = "starflow",
              temperature: float = 1.0, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
-        from starflow.encode import check_images, float_to_pixels
+        from starflow.tasks.encode import check_images, float_to_pixels
 
         images = check_images(self, images)
         x = self.sample(images.shape[0], prompt=instructions, source=images, guidance=guidance,
@@ -163,7 +163,7 @@ class EditPipeline(StarflowPipeline):
 
     @torch.no_grad()
     def sample(self, n, y=None, prompt=None, generator=None, device=None, source=None, **kwargs):
-        from starflow.encode import to_model_space
+        from starflow.tasks.encode import to_model_space
 
         if source is None:
             if self.preview_sources is None:
@@ -180,7 +180,7 @@ class EditPipeline(StarflowPipeline):
         model = self.model
         x = model.sample(n, y=y, text=text, generator=generator, device=device or self.device, source=source, **kwargs)
         if self.denoise == "tweedie" and self.noise_std > 0:
-            from starflow.denoise import tweedie_denoise
+            from starflow.components.denoise import tweedie_denoise
 
             x = tweedie_denoise(lambda v: model.log_prob(v, y, text, source=source), x, self.noise_std)
         if self.autoencoder is not None:
@@ -199,11 +199,11 @@ class EditPipeline(StarflowPipeline):
         model = EditSTARFlow.from_pretrained(os.path.join(directory, index["model"]), map_location=device)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
-            from starflow.autoencoder import Autoencoder
+            from starflow.components.autoencoder import Autoencoder
 
             autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
         if index.get("text_encoder"):
-            from starflow.text_encoder import TextEncoder
+            from starflow.components.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
         return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from starflow.flow.block import Context, FlowBlock
-from starflow.guidance import guide
+from starflow.flow.guidance import guide
 
 SAMPLERS = ("sequential", "jacobi", "naive")
 

@@ -1,0 +1,1 @@
+"""Files: atomic writes and model folders (hub), image conversion and grids (images)."""

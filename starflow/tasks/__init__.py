@@ -1,0 +1,1 @@
+"""What a trained flow is used for beyond sampling: exact encoding (image <-> noise), inpainting, editing."""
