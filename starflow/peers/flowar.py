@@ -37,7 +37,7 @@ from starflow.io.hub import PretrainedMixin
 from starflow.peers.mmdit import (Condition, ConditionEncoder, FeedForward, FinalLayer, TimestepEmbedder,
                                   init_adaln_zero, modulate, sincos_pos_embed)
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
-                                           repeat_condition, velocity_target)
+                                           velocity_target)
 
 # --------------------------------------------------------------------------------------------
 # Attention with an optional KV cache
@@ -349,12 +349,16 @@ class FlowAR(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0,
                steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
+               device: torch.device | str | None = None, *, negative=None) -> torch.Tensor:
         """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
-        scale; default config.sample_steps). guidance w is ramped: scale i uses w (i + 1) / K."""
-        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0)
+        scale; default config.sample_steps). guidance w is ramped: scale i uses w (i + 1) / K. The
+        unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
+        prompt) when given, else the learned null."""
+        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
+                            negative=negative)
 
-    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool) -> torch.Tensor:
+    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool, *,
+                negative=None) -> torch.Tensor:
         c = self.config
         device = torch.device(device) if device is not None else self.device
         k = len(c.scales)
@@ -365,9 +369,8 @@ class FlowAR(nn.Module, PretrainedMixin):
         batch_size_of(n, y, text)
         if cfg_batch and not self.condition.conditional:
             raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
-        if cfg_batch:  # rows [0, n) conditional, [n, 2n) the learned null; one AR/head pass for both
-            y2, text2 = repeat_condition(y, text)
-            cond = self.condition(2 * n, y2, text2, torch.arange(2 * n, device=device) >= n, device=device)
+        if cfg_batch:  # rows [0, n) conditional, [n, 2n) unconditional; one AR/head pass for both
+            cond = self.condition.guidance_pair(n, y, text, negative, device=device)
         else:
             cond = self.condition(n, y, text, device=device)
         cond_prefix = self.prefix(cond)
