@@ -140,6 +140,22 @@ class ConditionEncoder(nn.Module):
         return Condition(torch.cat([t.to(dtype) for t in tokens], dim=1), torch.cat(masks, dim=1), pooled)
 
 
+    def dropped(self, batch: int, y: torch.Tensor | None, text, drop: torch.Tensor | None, negative=None,
+                device: torch.device | None = None) -> Condition:
+        """The condition with `drop` rows replaced by the learned null, or by `negative` (a text
+        triple, batch `batch` or 1) when given: training for an empty-prompt unconditional branch."""
+        if negative is None or drop is None:
+            return self(batch, y, text, drop, device=device)
+        if self.cond_dim == 0:
+            raise ValueError("a negative condition is a text condition; this model has cond_dim=0")
+        both = concat_conditions(self(batch, y, text, device=device),
+                                 self(batch, None, expand_text(negative, batch), device=device))
+        keep, neg = (Condition(*(t[rows] for t in both)) for rows in (slice(0, batch), slice(batch, None)))
+        drop = drop.to(keep.mask.device)
+        return Condition(torch.where(drop[:, None, None], neg.tokens, keep.tokens),
+                         torch.where(drop[:, None], neg.mask, keep.mask),
+                         torch.where(drop[:, None], neg.pooled, keep.pooled))
+
     def guidance_pair(self, n: int, y: torch.Tensor | None, text, negative=None,
                       device: torch.device | None = None) -> Condition:
         """Rows [0, n) the condition, rows [n, 2n) the unconditional branch: the learned null, or

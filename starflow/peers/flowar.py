@@ -320,9 +320,10 @@ class FlowAR(nn.Module, PretrainedMixin):
     # ---- training --------------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *,
-             generator: torch.Generator | None = None, return_per_scale: bool = False):
+             generator: torch.Generator | None = None, return_per_scale: bool = False, negative=None):
         """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. In training mode the
-        condition is dropped with prob cond_drop_prob."""
+        condition is dropped with prob cond_drop_prob, to the learned null or to `negative` (a text
+        triple, e.g. the encoded empty prompt) when given."""
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
@@ -331,7 +332,7 @@ class FlowAR(nn.Module, PretrainedMixin):
         if self.training and c.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < c.cond_drop_prob).to(x.device)
-        cond = self.condition(b, y, text, drop, device=x.device)
+        cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         pyr = self.pyramid(x)
         sems = self.semantics(cond, [None] + [self.upsample(pyr[i - 1], i) for i in range(1, len(pyr))])
         per_scale = []

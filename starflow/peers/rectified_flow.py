@@ -264,10 +264,11 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *, noise: torch.Tensor | None = None,
-             t: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             t: torch.Tensor | None = None, generator: torch.Generator | None = None, negative=None) -> torch.Tensor:
         """Mean squared velocity error. `noise` / `t` may be passed to make the loss deterministic
         (t is then used as given, unshifted). The condition is dropped with prob cond_drop_prob in
-        training mode only."""
+        training mode only, to the learned null or to `negative` (a text triple, e.g. the encoded
+        empty prompt) when given."""
         self._check_images(x)
         b = x.shape[0]
         if t is None:
@@ -279,7 +280,7 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         if self.training and self.config.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < self.config.cond_drop_prob).to(x.device)
-        cond = self.condition(b, y, text, drop, device=x.device)
+        cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         z_t = interpolate(x, noise, t)
         pred = self.velocity(z_t, t, cond)
         return F.mse_loss(pred.float(), velocity_target(x, noise).float())
