@@ -22,6 +22,40 @@ eps - F^i. Training is teacher-forced (the AR input is the TRUE coarser scale); 
 its own output: scale 1 from the condition, upsample, feed back, repeat, with a few Euler steps per
 scale. Guidance (same convention as the other peers, w = 0 is plain conditional) is ramped over
 scales: w_i = w (i + 1) / K, weak where the layout is decided, full at the finest scale.
+
+Against the official FlowAR code (models/flowar.py, flowmodel.py, flowloss.py, sampler.py of the
+authors' repository; read, not copied). tests/test_flowar_reference.py checks each line marked
+"same" or "option" and pins each "differs" so a change to it is noticed.
+
+Same:
+- pyramid: targets are area (average) downsamplings of the latent, sides doubling to the full side;
+- AR attention: block-causal over scales, bidirectional within a scale; KV cache at sampling;
+- path and target: z_t = (1 - t) x + t eps, v = eps - x, t = 1 noise; loss = MSE on v;
+- one flow head shared by every scale, conditioned per position on the AR output (Spatial-adaLN:
+  shift / scale / gate from semantics + timestep), fresh N(0, I) noise for every scale;
+- CFG on velocity with a learned null class (official lambda = our w + 1), 10% label dropout,
+  guidance ramped over scales.
+Options (off by default, `FlowARConfig`):
+- sample_schedule="flowar": the official per-scale grid (schedules.flowar_sigmas);
+- guidance_ramp="flowar": lambda_i = 1 + (lambda - 1) i / (K - 1) (no guidance at scale 1);
+- guidance_max_t: guidance only while t <= this ("guidance" 0.9 / 0.7 in the official evaluation);
+- upsample="bicubic-area": the next scale's AR input as the official code builds it (bicubic to the
+  full side, then area-downsampled), instead of nearest upsampling;
+- timestep_sampler="uniform" and scale_loss_weights = side_i^2 reproduce the official training
+  (t ~ U(0, 1), one per image and scale; per-scale losses weighted by token count, up to a
+  constant factor).
+Differs:
+- condition: prefix tokens ([pooled; class/text tokens]) plus a learned start token for scale 1
+  (official: the class embedding IS the scale-1 token, and it also drives adaLN in every AR block);
+- AR trunk: one LayerNorm/GELU pre-norm stack with fixed sin-cos positions on a shared extent and a
+  learned scale embedding (official: MAE-style encoder + decoder stacks, RMSNorm, SwiGLU, 2-D RoPE
+  rescaled to a shared extent, learned absolute positions, class adaLN);
+- head: LayerNorm, GELU MLP, adaLN-Zero, continuous t (official: RMSNorm, SwiGLU, RoPE, only the
+  output layer zero-initialised, t quantised to int(1000 t); L/H heads add a cross-attention);
+- defaults: logit-normal t and equal per-scale loss weights (official: uniform t, token-count weights).
+Official checkpoints (FlowAR-S/L/H on the MAR KL-16 tokenizer) are NOT importable: their key layout
+belongs to the different trunk and head above (encoder_blocks.*.ada_lin, SwiGLU fc1_g/fc1_x, RoPE,
+flownet.res_blocks.*.crossattn), which no renaming maps onto this network.
 """
 from __future__ import annotations
 
@@ -38,6 +72,9 @@ from starflow.peers.flowar_layers import ARBlock, FlowHead, LayerKV, block_causa
 from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
+from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
+
+GUIDANCE_RAMPS = ("starflow", "flowar")
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -69,8 +106,21 @@ class FlowARConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     sample_steps: int = 10  # Euler steps per scale
+    # Sampling choices of the official FlowAR code, off by default (see the module docstring).
+    sample_schedule: str = "uniform"  # per-scale grid: "uniform" or "flowar" (two-piece, 1..0.3 | 0.25..0)
+    guidance_ramp: str = "starflow"  # scale i of K: "starflow" w (i+1)/K, or "flowar" w i/(K-1)
+    guidance_max_t: float = 1.0  # guide only while t <= this (official: 0.9, FlowAR-H 0.7)
+    upsample: str = "nearest"  # next scale's AR input: "nearest" or "bicubic-area" (official)
 
     def __post_init__(self):
+        if self.sample_schedule not in ("uniform", "flowar"):
+            raise ValueError(f"sample_schedule must be 'uniform' or 'flowar', got {self.sample_schedule!r}")
+        if self.guidance_ramp not in GUIDANCE_RAMPS:
+            raise ValueError(f"guidance_ramp must be one of {GUIDANCE_RAMPS}, got {self.guidance_ramp!r}")
+        if self.upsample not in ("nearest", "bicubic-area"):
+            raise ValueError(f"upsample must be 'nearest' or 'bicubic-area', got {self.upsample!r}")
+        if not 0.0 < self.guidance_max_t <= 1.0:
+            raise ValueError(f"guidance_max_t must be in (0, 1], got {self.guidance_max_t}")
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
         if self.scale_loss_weights is not None:
             self.scale_loss_weights = tuple(float(w) for w in self.scale_loss_weights)
@@ -100,6 +150,16 @@ class FlowARConfig:
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale)
+
+    def guidance_at(self, w: float, i: int) -> float:
+        """Guidance weight of scale i (0-based) for overall weight w."""
+        k = len(self.scales)
+        if self.guidance_ramp == "flowar":
+            return w * i / (k - 1) if k > 1 else w
+        return w * (i + 1) / k
+
+    def sigmas(self, steps: int, device=None) -> torch.Tensor:
+        return flowar_sigmas(steps, device) if self.sample_schedule == "flowar" else uniform_sigmas(steps, device=device)
 
 
 class FlowAR(nn.Module, PretrainedMixin):
@@ -143,9 +203,13 @@ class FlowAR(nn.Module, PretrainedMixin):
                 for s in self.config.scales]
 
     def upsample(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        side = (self.config.scales[scale],) * 2
+        if self.config.upsample == "bicubic-area":  # the official code: bicubic to full size, area down
+            full = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bicubic")
+            return F.interpolate(full, size=side, mode="area")
         # Nearest: average-pooling the result gives x back exactly, so the AR input carries the
         # coarse scale's information unchanged.
-        return F.interpolate(x, size=(self.config.scales[scale],) * 2, mode="nearest")
+        return F.interpolate(x, size=side, mode="nearest")
 
     # ---- AR transformer --------------------------------------------------------------------
 
@@ -239,7 +303,7 @@ class FlowAR(nn.Module, PretrainedMixin):
                steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
                device: torch.device | str | None = None, *, negative=None) -> torch.Tensor:
         """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
-        scale; default config.sample_steps). guidance w is ramped: scale i uses w (i + 1) / K. The
+        scale; default config.sample_steps). guidance w is ramped over scales (config.guidance_ramp). The
         unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
         prompt) when given, else the learned null."""
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
@@ -270,16 +334,16 @@ class FlowAR(nn.Module, PretrainedMixin):
                 prev_up = self.upsample(x, i)
                 prev_up = torch.cat([prev_up, prev_up]) if cfg_batch else prev_up
             sem = self.semantics_step(i, cond_prefix, prev_up, cache)
-            w = guidance * (i + 1) / k
+            w = c.guidance_at(guidance, i)
 
             def velocity(z, t, sem=sem, i=i, w=w):
                 if not cfg_batch:
                     return self.head(z, t, sem, i)
                 v_c, v_u = self.head(torch.cat([z, z]), torch.cat([t, t]), sem, i).chunk(2)
-                return guided(v_c, v_u, w)
+                return guided(v_c, v_u, w) if c.guidance_max_t >= 1 or float(t[0]) <= c.guidance_max_t else v_c
 
             noise = randn((n, c.in_channels, side, side), generator, device)
-            x = euler_sample(velocity, noise, steps[i])
+            x = euler_sample(velocity, noise, steps[i], sigmas=c.sigmas(steps[i], device))
         return x
 
     def nll(self, *args, **kwargs):

@@ -80,6 +80,19 @@ def make_diffusers_scheduler(shift: float = 1.0, dynamic: bool = False):
     return FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
 
 
+def flowar_sigmas(steps: int, device=None) -> torch.Tensor:
+    """The official FlowAR sampler's per-scale grid: steps // 2 values from 1 down to 0.3, then
+    steps // 2 + 1 from 0.25 down to 0 (so an odd `steps` takes steps - 1 Euler steps); the plain
+    uniform grid when steps == 50."""
+    if steps == 50:
+        return torch.linspace(1.0, 0.0, 51, dtype=torch.float64).float().to(device)
+    if steps < 2:
+        raise ValueError(f"the FlowAR grid needs steps >= 2, got {steps}")
+    grid = torch.cat([torch.linspace(1.0, 0.3, steps // 2, dtype=torch.float64),
+                      torch.linspace(0.25, 0.0, steps // 2 + 1, dtype=torch.float64)])
+    return grid.float().to(device)
+
+
 def schedule_sigmas(schedule: str, steps: int, shift: float = 1.0, mu: float | None = None,
                     device=None) -> torch.Tensor:
     """The grid named `schedule` (one of SCHEDULES)."""
