@@ -12,8 +12,7 @@ the peers train on clean latents and decode with the original decoder (theirs).
 Prints, per model: parameters, training images/s, FD-EffNetLite0 of samples vs the test split,
 ShapesEval overall and per category (shapes) or classifier accuracy (digits), and sampling images/s
 at batch 1, 8, 32, 64 (rectified flow at 10, 25 and 50 Euler steps, on SD3's grid unless
---rf-schedule uniform). Small-scale version of the
-STARFlow paper's Table 1 and Fig. 10a.
+--rf-schedule uniform). Small-scale version of the STARFlow paper's Table 1 and Fig. 10a.
 """
 from __future__ import annotations
 
