@@ -90,7 +90,8 @@ def test_sample_cli_hands_the_loop_to_diffusers(tmp_path, capsys):
     model = make("rf", in_channels=1, num_classes=3)
     model.save_pretrained(str(tmp_path / "rf"))
     png = str(tmp_path / "s.png")
-    assert main(["sample", str(tmp_path / "rf"), "-n", "2", "--sampler", "diffusers", "--guidance", "1", "--out", png]) == 0
+    args = ["sample", str(tmp_path / "rf"), "-n", "2", "--sampler", "diffusers", "--guidance", "1", "--out", png]
+    assert main(args) == 0
     ours = draw(model, 2, y=torch.tensor([0, 1]), guidance=1.0)
     theirs = draw(model, 2, y=torch.tensor([0, 1]), guidance=1.0, sampler="diffusers")
     assert torch.allclose(ours, theirs, atol=1e-5)

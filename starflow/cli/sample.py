@@ -14,7 +14,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 (0 = unguided)")
     p.add_argument("--guidance-rule", default="starflow", choices=["starflow", "tarflow", "tarflow-annealed"])
     p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi", "diffusers"],
-                   help="diffusers: rectified-flow models only, the loop run by diffusers' FlowMatchEulerDiscreteScheduler")
+                   help="diffusers: rectified-flow models only, the loop run by diffusers' "
+                        "FlowMatchEulerDiscreteScheduler")
     p.add_argument("--jacobi-threshold", type=float, default=1e-3)
     p.add_argument("--jacobi-window", type=int, default=0, help="tokens per Jacobi window (0 = whole block)")
     p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")

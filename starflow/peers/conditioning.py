@@ -202,4 +202,5 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
         return F.pad(c.tokens, (0, 0, 0, extra)), F.pad(c.mask, (0, extra), value=False)
 
     (ta, ma), (tb, mb) = pad(a), pad(b)
-    return Condition(torch.cat([ta, tb.to(ta.dtype)]), torch.cat([ma, mb]), torch.cat([a.pooled, b.pooled.to(a.pooled.dtype)]))
+    pooled = torch.cat([a.pooled, b.pooled.to(a.pooled.dtype)])
+    return Condition(torch.cat([ta, tb.to(ta.dtype)]), torch.cat([ma, mb]), pooled)

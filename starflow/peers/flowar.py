@@ -159,7 +159,9 @@ class FlowARConfig:
         return w * (i + 1) / k
 
     def sigmas(self, steps: int, device=None) -> torch.Tensor:
-        return flowar_sigmas(steps, device) if self.sample_schedule == "flowar" else uniform_sigmas(steps, device=device)
+        if self.sample_schedule == "flowar":
+            return flowar_sigmas(steps, device)
+        return uniform_sigmas(steps, device=device)
 
 
 class FlowAR(nn.Module, PretrainedMixin):

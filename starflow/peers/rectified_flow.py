@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from starflow.io.hub import PretrainedMixin
 from starflow.peers.conditioning import Condition, ConditionEncoder, repeat_condition  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import MMDiT
-from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler, schedule_sigmas,
-                                     uniform_sigmas)
+from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler,
+                                     schedule_sigmas, uniform_sigmas)
 
 SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
 NULL_CONDITIONS = ("learned", "negative")
@@ -317,7 +317,8 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         if cfg_batch and not self.condition.conditional:
             raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
         if cfg_batch and negative is None and c.null_condition == "negative":
-            raise ValueError("this model has no learned null: guidance needs `negative` (e.g. the encoded empty prompt)")
+            raise ValueError("this model has no learned null: guidance needs `negative` "
+                             "(e.g. the encoded empty prompt)")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         mu = self.sampling_mu(mu)
