@@ -11,8 +11,8 @@ the peers train on clean latents and decode with the original decoder (theirs).
 
 Prints, per model: parameters, training images/s, FD-EffNetLite0 of samples vs the test split,
 ShapesEval overall and per category (shapes) or classifier accuracy (digits), and sampling images/s
-at batch 1, 8, 32, 64 (rectified flow at 10, 25 and 50 Euler steps). Small-scale version of the
-STARFlow paper's Table 1 and Fig. 10a.
+at batch 1, 8, 32, 64 (rectified flow at 10, 25 and 50 Euler steps, on SD3's grid unless
+--rf-schedule uniform). Small-scale version of the STARFlow paper's Table 1 and Fig. 10a.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from starflow.peers.rectified_flow import RectifiedFlowConfig
 TEXT_DIM = 384  # MiniLM
 
 
-def model_configs(dataset: str, width: int) -> dict[str, tuple[str, object]]:
+def model_configs(dataset: str, width: int, rf_schedule: str = "sd3") -> dict[str, tuple[str, object]]:
     cond = dict(cond_dim=TEXT_DIM) if dataset == "shapes" else dict(num_classes=10)
     side = 8 if dataset == "shapes" else 7
     scales = (1, 2, 4, 8) if side == 8 else (1, 7)
@@ -38,7 +38,8 @@ def model_configs(dataset: str, width: int) -> dict[str, tuple[str, object]]:
         "starflow": ("starflow", FlowConfig(in_channels=4, image_size=side, patch_size=1, width=width, head_dim=32,
                                             num_blocks=3, layers_per_block=1, deep_layers=6, **cond)),
         "rectified-flow": ("rectified-flow", RectifiedFlowConfig(in_channels=4, image_size=side, patch_size=1 if side == 7 else 2,
-                                                                 width=width, depth=3, heads=width // 32, **cond)),
+                                                                 width=width, depth=3, heads=width // 32,
+                                                                 sample_schedule=rf_schedule, **cond)),
         "flowar": ("flowar", FlowARConfig(in_channels=4, image_size=side, scales=scales, width=width, depth=5,
                                           heads=width // 32, head_width=width, head_depth=2, head_heads=width // 32, **cond)),
     }
@@ -99,6 +100,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--text-encoder", default="minilm", help="minilm, a transformers folder, or table:PATH")
     p.add_argument("--models", default="starflow,rectified-flow,flowar")
+    p.add_argument("--rf-schedule", default="sd3", choices=["sd3", "uniform"],
+                   help="rectified flow's Euler grid: SD3's reference grid, or the uniform grid of earlier runs")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--json", default="benchmarks/results/compare_models.json")
     args = p.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv=None):
     from starflow.io.images import to_uint8
     from starflow.models import model_class
 
-    configs = {k: v for k, v in model_configs(args.dataset, args.width).items() if k in args.models.split(",")}
+    configs = {k: v for k, v in model_configs(args.dataset, args.width, args.rf_schedule).items() if k in args.models.split(",")}
     params = {k: model_class(t)(c).num_params() for k, (t, c) in configs.items()}
     ref_params = params.get("starflow", next(iter(params.values())))
     print(f"dataset {args.dataset}, {args.steps} steps x batch {args.batch_size}, threads {args.threads}")

@@ -13,7 +13,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 (0 = unguided)")
     p.add_argument("--guidance-rule", default="starflow", choices=["starflow", "tarflow", "tarflow-annealed"])
-    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"])
+    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi", "diffusers"],
+                   help="diffusers: rectified-flow models only, the loop run by diffusers' "
+                        "FlowMatchEulerDiscreteScheduler")
     p.add_argument("--jacobi-threshold", type=float, default=1e-3)
     p.add_argument("--jacobi-window", type=int, default=0, help="tokens per Jacobi window (0 = whole block)")
     p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")
@@ -35,10 +37,13 @@ def sampling_kwargs(args, pipe) -> dict:
     """The sampler arguments the loaded model takes (peers: Euler sampling, guidance only)."""
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if getattr(pipe.model, "model_type", "starflow") != "starflow":
-        if args.aspect or args.sampler != "sequential":
-            raise ValueError(f"{pipe.model.model_type} models take neither --aspect nor --sampler")
-        return {"guidance": args.guidance}
+    model_type = getattr(pipe.model, "model_type", "starflow")
+    if args.sampler == "diffusers" and model_type != "rectified-flow":
+        raise ValueError("--sampler diffusers is for rectified-flow models")
+    if model_type != "starflow":
+        if args.aspect or args.sampler == "jacobi":
+            raise ValueError(f"{pipe.model.model_type} models take neither --aspect nor --sampler jacobi")
+        return {"guidance": args.guidance, **({"sampler": "diffusers"} if args.sampler == "diffusers" else {})}
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
     if args.sampler == "jacobi":
         kw.update(jacobi_threshold=args.jacobi_threshold, jacobi_window=args.jacobi_window)

@@ -22,6 +22,40 @@ eps - F^i. Training is teacher-forced (the AR input is the TRUE coarser scale); 
 its own output: scale 1 from the condition, upsample, feed back, repeat, with a few Euler steps per
 scale. Guidance (same convention as the other peers, w = 0 is plain conditional) is ramped over
 scales: w_i = w (i + 1) / K, weak where the layout is decided, full at the finest scale.
+
+Against the official FlowAR code (models/flowar.py, flowmodel.py, flowloss.py, sampler.py of the
+authors' repository; read, not copied). tests/test_flowar_reference.py checks each line marked
+"same" or "option" and pins each "differs" so a change to it is noticed.
+
+Same:
+- pyramid: targets are area (average) downsamplings of the latent, sides doubling to the full side;
+- AR attention: block-causal over scales, bidirectional within a scale; KV cache at sampling;
+- path and target: z_t = (1 - t) x + t eps, v = eps - x, t = 1 noise; loss = MSE on v;
+- one flow head shared by every scale, conditioned per position on the AR output (Spatial-adaLN:
+  shift / scale / gate from semantics + timestep), fresh N(0, I) noise for every scale;
+- CFG on velocity with a learned null class (official lambda = our w + 1), 10% label dropout,
+  guidance ramped over scales.
+Options (off by default, `FlowARConfig`):
+- sample_schedule="flowar": the official per-scale grid (schedules.flowar_sigmas);
+- guidance_ramp="flowar": lambda_i = 1 + (lambda - 1) i / (K - 1) (no guidance at scale 1);
+- guidance_max_t: guidance only while t <= this ("guidance" 0.9 / 0.7 in the official evaluation);
+- upsample="bicubic-area": the next scale's AR input as the official code builds it (bicubic to the
+  full side, then area-downsampled), instead of nearest upsampling;
+- timestep_sampler="uniform" and scale_loss_weights = side_i^2 reproduce the official training
+  (t ~ U(0, 1), one per image and scale; per-scale losses weighted by token count, up to a
+  constant factor).
+Differs:
+- condition: prefix tokens ([pooled; class/text tokens]) plus a learned start token for scale 1
+  (official: the class embedding IS the scale-1 token, and it also drives adaLN in every AR block);
+- AR trunk: one LayerNorm/GELU pre-norm stack with fixed sin-cos positions on a shared extent and a
+  learned scale embedding (official: MAE-style encoder + decoder stacks, RMSNorm, SwiGLU, 2-D RoPE
+  rescaled to a shared extent, learned absolute positions, class adaLN);
+- head: LayerNorm, GELU MLP, adaLN-Zero, continuous t (official: RMSNorm, SwiGLU, RoPE, only the
+  output layer zero-initialised, t quantised to int(1000 t); L/H heads add a cross-attention);
+- defaults: logit-normal t and equal per-scale loss weights (official: uniform t, token-count weights).
+Official checkpoints (FlowAR-S/L/H on the MAR KL-16 tokenizer) are NOT importable: their key layout
+belongs to the different trunk and head above (encoder_blocks.*.ada_lin, SwiGLU fc1_g/fc1_x, RoPE,
+flownet.res_blocks.*.crossattn), which no renaming maps onto this network.
 """
 from __future__ import annotations
 
@@ -34,123 +68,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from starflow.io.hub import PretrainedMixin
-from starflow.peers.mmdit import (Condition, ConditionEncoder, FeedForward, FinalLayer, TimestepEmbedder,
-                                  init_adaln_zero, modulate, sincos_pos_embed)
+from starflow.peers.flowar_layers import ARBlock, FlowHead, LayerKV, block_causal_mask  # noqa: F401  (re-exported)
+from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
-                                           repeat_condition, velocity_target)
+                                           velocity_target)
+from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
 
-# --------------------------------------------------------------------------------------------
-# Attention with an optional KV cache
-# --------------------------------------------------------------------------------------------
-
-
-class LayerKV:
-    """Keys and values of every position one attention layer has processed so far."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor):
-        # Scales arrive in a handful of chunks, so concatenation (not a preallocated buffer) is cheap.
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKV | None = None):
-        """mask: bool [B, 1, Lq, Lk] (True = may attend), Lk = cached + new positions."""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        if cache is not None:
-            k, v = cache.extend(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
-
-
-class ARBlock(nn.Module):
-    """Pre-norm transformer block (nanoGPT shape)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = FeedForward(width, mlp_ratio)
-
-    def forward(self, x, mask, cache=None):
-        x = x + self.attn(self.norm1(x), mask, cache)
-        return x + self.mlp(self.norm2(x))
-
-
-def block_causal_mask(block_sizes: Sequence[int], device=None) -> torch.Tensor:
-    """[L, L] bool, True where query q may attend to key k: block(k) <= block(q). Causal across
-    blocks, bidirectional inside a block."""
-    ids = torch.repeat_interleave(torch.arange(len(block_sizes), device=device),
-                                  torch.tensor(list(block_sizes), device=device))
-    return ids[None, :] <= ids[:, None]
-
-
-# --------------------------------------------------------------------------------------------
-# Flow-matching head with Spatial-adaLN
-# --------------------------------------------------------------------------------------------
-
-
-class SpatialAdaLNBlock(nn.Module):
-    """DiT block whose adaLN-Zero parameters vary over positions: `cond` is [B, L, D], one
-    conditioning vector per token (semantics of that location + timestep)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = FeedForward(width, mlp_ratio)
-        self.modulation = nn.Linear(width, 6 * width)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(cond)).chunk(6, dim=-1)
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-
-
-class FlowHead(nn.Module):
-    """v(z_t, t | s^i, scale i) for one scale's map [B, C, side, side]; weights shared by all scales."""
-
-    def __init__(self, in_channels: int, sem_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
-                 scales: Sequence[int], image_size: int):
-        super().__init__()
-        self.scales = tuple(scales)
-        self.in_proj = nn.Linear(in_channels, width)
-        self.sem_proj = nn.Linear(sem_width, width)
-        self.scale_embed = nn.Embedding(len(scales), width)
-        self.time_embed = TimestepEmbedder(width)
-        for i, s in enumerate(scales):
-            self.register_buffer(f"pos_{i}", sincos_pos_embed(s, width, extent=image_size), persistent=False)
-        self.blocks = nn.ModuleList([SpatialAdaLNBlock(width, heads, mlp_ratio) for _ in range(depth)])
-        self.final = FinalLayer(width, in_channels)
-        init_adaln_zero(self)
-        nn.init.normal_(self.scale_embed.weight, std=0.02)
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, sem: torch.Tensor, scale: int) -> torch.Tensor:
-        side = z.shape[-1]
-        level = self.scale_embed.weight[scale]
-        h = self.in_proj(rearrange(z, "b c h w -> b (h w) c")) + getattr(self, f"pos_{scale}") + level
-        # Spatial-adaLN conditioning: per-position semantics + the (global) timestep and scale.
-        cond = self.sem_proj(sem) + (self.time_embed(t) + level)[:, None, :]
-        for block in self.blocks:
-            h = block(h, cond)
-        return rearrange(self.final(h, cond), "b (h w) c -> b c h w", h=side, w=side)
-
+GUIDANCE_RAMPS = ("starflow", "flowar")
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -182,8 +106,21 @@ class FlowARConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     sample_steps: int = 10  # Euler steps per scale
+    # Sampling choices of the official FlowAR code, off by default (see the module docstring).
+    sample_schedule: str = "uniform"  # per-scale grid: "uniform" or "flowar" (two-piece, 1..0.3 | 0.25..0)
+    guidance_ramp: str = "starflow"  # scale i of K: "starflow" w (i+1)/K, or "flowar" w i/(K-1)
+    guidance_max_t: float = 1.0  # guide only while t <= this (official: 0.9, FlowAR-H 0.7)
+    upsample: str = "nearest"  # next scale's AR input: "nearest" or "bicubic-area" (official)
 
     def __post_init__(self):
+        if self.sample_schedule not in ("uniform", "flowar"):
+            raise ValueError(f"sample_schedule must be 'uniform' or 'flowar', got {self.sample_schedule!r}")
+        if self.guidance_ramp not in GUIDANCE_RAMPS:
+            raise ValueError(f"guidance_ramp must be one of {GUIDANCE_RAMPS}, got {self.guidance_ramp!r}")
+        if self.upsample not in ("nearest", "bicubic-area"):
+            raise ValueError(f"upsample must be 'nearest' or 'bicubic-area', got {self.upsample!r}")
+        if not 0.0 < self.guidance_max_t <= 1.0:
+            raise ValueError(f"guidance_max_t must be in (0, 1], got {self.guidance_max_t}")
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
         if self.scale_loss_weights is not None:
             self.scale_loss_weights = tuple(float(w) for w in self.scale_loss_weights)
@@ -213,6 +150,18 @@ class FlowARConfig:
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale)
+
+    def guidance_at(self, w: float, i: int) -> float:
+        """Guidance weight of scale i (0-based) for overall weight w."""
+        k = len(self.scales)
+        if self.guidance_ramp == "flowar":
+            return w * i / (k - 1) if k > 1 else w
+        return w * (i + 1) / k
+
+    def sigmas(self, steps: int, device=None) -> torch.Tensor:
+        if self.sample_schedule == "flowar":
+            return flowar_sigmas(steps, device)
+        return uniform_sigmas(steps, device=device)
 
 
 class FlowAR(nn.Module, PretrainedMixin):
@@ -256,9 +205,13 @@ class FlowAR(nn.Module, PretrainedMixin):
                 for s in self.config.scales]
 
     def upsample(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        side = (self.config.scales[scale],) * 2
+        if self.config.upsample == "bicubic-area":  # the official code: bicubic to full size, area down
+            full = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bicubic")
+            return F.interpolate(full, size=side, mode="area")
         # Nearest: average-pooling the result gives x back exactly, so the AR input carries the
         # coarse scale's information unchanged.
-        return F.interpolate(x, size=(self.config.scales[scale],) * 2, mode="nearest")
+        return F.interpolate(x, size=side, mode="nearest")
 
     # ---- AR transformer --------------------------------------------------------------------
 
@@ -320,9 +273,10 @@ class FlowAR(nn.Module, PretrainedMixin):
     # ---- training --------------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *,
-             generator: torch.Generator | None = None, return_per_scale: bool = False):
+             generator: torch.Generator | None = None, return_per_scale: bool = False, negative=None):
         """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. In training mode the
-        condition is dropped with prob cond_drop_prob."""
+        condition is dropped with prob cond_drop_prob, to the learned null or to `negative` (a text
+        triple, e.g. the encoded empty prompt) when given."""
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
@@ -331,7 +285,7 @@ class FlowAR(nn.Module, PretrainedMixin):
         if self.training and c.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < c.cond_drop_prob).to(x.device)
-        cond = self.condition(b, y, text, drop, device=x.device)
+        cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         pyr = self.pyramid(x)
         sems = self.semantics(cond, [None] + [self.upsample(pyr[i - 1], i) for i in range(1, len(pyr))])
         per_scale = []
@@ -349,12 +303,16 @@ class FlowAR(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0,
                steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
+               device: torch.device | str | None = None, *, negative=None) -> torch.Tensor:
         """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
-        scale; default config.sample_steps). guidance w is ramped: scale i uses w (i + 1) / K."""
-        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0)
+        scale; default config.sample_steps). guidance w is ramped over scales (config.guidance_ramp). The
+        unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
+        prompt) when given, else the learned null."""
+        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
+                            negative=negative)
 
-    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool) -> torch.Tensor:
+    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool, *,
+                negative=None) -> torch.Tensor:
         c = self.config
         device = torch.device(device) if device is not None else self.device
         k = len(c.scales)
@@ -365,9 +323,8 @@ class FlowAR(nn.Module, PretrainedMixin):
         batch_size_of(n, y, text)
         if cfg_batch and not self.condition.conditional:
             raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
-        if cfg_batch:  # rows [0, n) conditional, [n, 2n) the learned null; one AR/head pass for both
-            y2, text2 = repeat_condition(y, text)
-            cond = self.condition(2 * n, y2, text2, torch.arange(2 * n, device=device) >= n, device=device)
+        if cfg_batch:  # rows [0, n) conditional, [n, 2n) unconditional; one AR/head pass for both
+            cond = self.condition.guidance_pair(n, y, text, negative, device=device)
         else:
             cond = self.condition(n, y, text, device=device)
         cond_prefix = self.prefix(cond)
@@ -379,16 +336,16 @@ class FlowAR(nn.Module, PretrainedMixin):
                 prev_up = self.upsample(x, i)
                 prev_up = torch.cat([prev_up, prev_up]) if cfg_batch else prev_up
             sem = self.semantics_step(i, cond_prefix, prev_up, cache)
-            w = guidance * (i + 1) / k
+            w = c.guidance_at(guidance, i)
 
             def velocity(z, t, sem=sem, i=i, w=w):
                 if not cfg_batch:
                     return self.head(z, t, sem, i)
                 v_c, v_u = self.head(torch.cat([z, z]), torch.cat([t, t]), sem, i).chunk(2)
-                return guided(v_c, v_u, w)
+                return guided(v_c, v_u, w) if c.guidance_max_t >= 1 or float(t[0]) <= c.guidance_max_t else v_c
 
             noise = randn((n, c.in_channels, side, side), generator, device)
-            x = euler_sample(velocity, noise, steps[i])
+            x = euler_sample(velocity, noise, steps[i], sigmas=c.sigmas(steps[i], device))
         return x
 
     def nll(self, *args, **kwargs):

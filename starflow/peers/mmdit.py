@@ -8,18 +8,25 @@ vice versa. Global conditioning (timestep embedding + a pooled condition vector)
 adaLN-Zero: per-block shift/scale/gate regressed from that vector, zero-initialised so every block
 starts as the identity.
 
+Options that make the network the one SD3 defines (see convert.py, which imports diffusers'
+`SD3Transformer2DModel` weights): QK-norm can be switched off (SD3-medium has none), the position
+table can be SD3's (`pos_embed="sd3"`, persisted in the state dict), and image blocks can carry
+SD3.5-medium's second, image-only attention (`dual_attention_layers`). Defaults are unchanged.
+
 Shared with FlowAR (flowar.py): `RMSNorm`, `modulate`, `TimestepEmbedder`, `sincos_pos_embed`,
-`FeedForward`, `Condition` / `ConditionEncoder`.
+`FeedForward`; `Condition` / `ConditionEncoder` live in conditioning.py (re-exported here).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from starflow.peers.conditioning import Condition, ConditionEncoder  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Small shared pieces
@@ -84,6 +91,38 @@ def sincos_pos_embed(side: int, dim: int, extent: float | None = None) -> torch.
     return torch.cat([embed_1d(rows), embed_1d(cols)], dim=1).float()
 
 
+POS_EMBED_STYLES = ("centres", "sd3")
+
+
+def sd3_pos_embed(grid: int, dim: int, max_size: int = 0, base_size: int = 0) -> torch.Tensor:
+    """SD3's 2-D sin-cos table for a grid x grid patch image, row-major: [grid*grid, dim].
+
+    SD3 builds one max_size x max_size table whose integer positions are rescaled by
+    base_size / max_size (base_size = the training grid), and crops its centre for the image at
+    hand. The first half of each vector encodes the COLUMN, the second the row (the reverse of
+    `sincos_pos_embed`), and positions are cell corners, not centres. max_size / base_size of 0
+    mean "= grid" (no crop, integer positions).
+    """
+    if dim % 4:
+        raise ValueError(f"position embedding width must be divisible by 4, got {dim}")
+    max_size, base_size = max_size or grid, base_size or grid
+    if grid > max_size:
+        raise ValueError(f"image grid {grid} exceeds the position table's max size {max_size}")
+    # float32 positions then float64 trigonometry, as the reference computes them.
+    coords = (torch.arange(max_size, dtype=torch.float32) / (max_size / base_size)).double()
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed_1d(pos):
+        angles = torch.outer(pos.reshape(-1), omega)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    table = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float().view(max_size, max_size, dim)
+    top = (max_size - grid) // 2
+    return table[top:top + grid, top:top + grid].reshape(grid * grid, dim).contiguous()
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mlp_ratio: float = 4.0):
         hidden = int(dim * mlp_ratio)
@@ -91,134 +130,30 @@ class FeedForward(nn.Sequential):
 
 
 # --------------------------------------------------------------------------------------------
-# Conditioning: class label or text states -> condition tokens + pooled vector
-# --------------------------------------------------------------------------------------------
-
-
-class Condition(NamedTuple):
-    tokens: torch.Tensor  # [B, Lc, D] condition tokens in model width
-    mask: torch.Tensor  # [B, Lc] bool, True = a real token (attend to it)
-    pooled: torch.Tensor  # [B, D] global condition vector (added to the timestep embedding)
-
-
-class ConditionEncoder(nn.Module):
-    """Turns the harness's condition (class label and/or (states, mask, pooled) text triple) into
-    condition tokens + a pooled vector of the model's width.
-
-    Dropping a condition (classifier-free guidance) replaces it with a LEARNED null: the extra
-    last row of the class tables, or a single learned null text token (the rest masked out) plus a
-    learned null pooled vector. A model with no condition at all gets one learned constant token,
-    so the joint attention never sees an empty condition stream.
-    """
-
-    def __init__(self, width: int, num_classes: int = 0, cond_dim: int = 0, pooled_dim: int = 0,
-                 num_class_tokens: int = 1):
-        super().__init__()
-        self.width, self.num_classes, self.cond_dim, self.pooled_dim = width, num_classes, cond_dim, pooled_dim
-        self.num_class_tokens = num_class_tokens
-        if num_classes > 0:
-            # Row `num_classes` is the null class.
-            self.class_tokens = nn.Embedding(num_classes + 1, num_class_tokens * width)
-            self.class_pooled = nn.Embedding(num_classes + 1, width)
-            nn.init.normal_(self.class_tokens.weight, std=0.02)
-            nn.init.normal_(self.class_pooled.weight, std=0.02)
-        if cond_dim > 0:
-            self.text_proj = nn.Linear(cond_dim, width)
-            # Without a separate pooled vector we pool the states ourselves (masked mean).
-            pooled_in = pooled_dim if pooled_dim > 0 else cond_dim
-            self.text_pooled = nn.Sequential(nn.Linear(pooled_in, width), nn.SiLU(), nn.Linear(width, width))
-            self.null_text = nn.Parameter(torch.randn(width) * 0.02)
-            self.null_pooled = nn.Parameter(torch.randn(width) * 0.02)
-        if not self.conditional:
-            self.uncond_token = nn.Parameter(torch.randn(width) * 0.02)
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0 or self.cond_dim > 0
-
-    def check(self, batch: int, y: torch.Tensor | None, text) -> None:
-        """Clear errors for conditions the model cannot take."""
-        if y is not None:
-            if self.num_classes == 0:
-                raise ValueError("class labels y given, but the model has num_classes=0 (not class-conditional)")
-            if y.dtype not in (torch.int64, torch.int32) or y.shape != (batch,):
-                raise ValueError(f"y must be an integer tensor of shape [{batch}], got {tuple(y.shape)} {y.dtype}")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(f"class labels must lie in [0, {self.num_classes}), got range "
-                                 f"[{int(y.min())}, {int(y.max())}]")
-        if text is not None:
-            if self.cond_dim == 0:
-                raise ValueError("text condition given, but the model has cond_dim=0 (not text-conditional)")
-            if not isinstance(text, (tuple, list)) or len(text) != 3:
-                raise ValueError("text must be a tuple (states [B,L,D], mask [B,L] bool or None, pooled [B,Dp] or None)")
-            states, mask, pooled = text
-            if states.ndim != 3 or states.shape[0] != batch or states.shape[2] != self.cond_dim:
-                raise ValueError(f"text states must be [{batch}, L, {self.cond_dim}], got {tuple(states.shape)}")
-            if mask is not None:
-                if mask.shape != states.shape[:2]:
-                    raise ValueError(f"text mask must be {tuple(states.shape[:2])}, got {tuple(mask.shape)}")
-                if not bool(mask.bool().any(dim=1).all()):
-                    raise ValueError("every text mask row needs at least one True (real) token")
-            if self.pooled_dim > 0:
-                if pooled is None or pooled.shape != (batch, self.pooled_dim):
-                    got = None if pooled is None else tuple(pooled.shape)
-                    raise ValueError(f"pooled text vector must be [{batch}, {self.pooled_dim}], got {got}")
-
-    def forward(self, batch: int, y: torch.Tensor | None = None, text=None, drop: torch.Tensor | None = None,
-                device: torch.device | None = None) -> Condition:
-        """drop: bool [B], True = replace this row's condition by the learned null."""
-        self.check(batch, y, text)
-        device = device if device is not None else next(self.parameters()).device
-        if drop is None:
-            drop = torch.zeros(batch, dtype=torch.bool, device=device)
-        tokens, masks, pooled = [], [], torch.zeros(batch, self.width, device=device)
-
-        if self.num_classes > 0:
-            # No label (unconditional request) or dropped label -> the null row.
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-            if y is not None:
-                labels = torch.where(drop, labels, y.to(device).long())
-            tokens.append(self.class_tokens(labels).view(batch, self.num_class_tokens, self.width))
-            masks.append(torch.ones(batch, self.num_class_tokens, dtype=torch.bool, device=device))
-            pooled = pooled + self.class_pooled(labels)
-
-        if self.cond_dim > 0:
-            if text is None:  # unconditional request: a one-token null sequence
-                t_tok = self.null_text.expand(batch, 1, -1)
-                t_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
-                t_pool = self.null_pooled.expand(batch, -1)
-            else:
-                states, mask, pool_in = text
-                states = states.to(device)
-                mask = torch.ones(states.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
-                if self.pooled_dim == 0:
-                    m = mask.unsqueeze(-1).to(states.dtype)
-                    pool_in = (states * m).sum(1) / m.sum(1)
-                t_tok = self.text_proj(states)
-                t_pool = self.text_pooled(pool_in.to(device))
-                # Dropped rows: null token in slot 0, every other slot masked out.
-                null_seq = torch.zeros_like(t_tok)
-                null_seq[:, 0] = self.null_text.to(t_tok.dtype)
-                null_mask = torch.zeros_like(mask)
-                null_mask[:, 0] = True
-                t_tok = torch.where(drop[:, None, None], null_seq, t_tok)
-                t_mask = torch.where(drop[:, None], null_mask, mask)
-                t_pool = torch.where(drop[:, None], self.null_pooled.to(t_pool.dtype).expand_as(t_pool), t_pool)
-            tokens.append(t_tok)
-            masks.append(t_mask)
-            pooled = pooled + t_pool
-
-        if not self.conditional:
-            tokens.append(self.uncond_token.expand(batch, 1, -1))
-            masks.append(torch.ones(batch, 1, dtype=torch.bool, device=device))
-
-        dtype = tokens[0].dtype
-        return Condition(torch.cat([t.to(dtype) for t in tokens], dim=1), torch.cat(masks, dim=1), pooled)
-
-
-# --------------------------------------------------------------------------------------------
 # MM-DiT
 # --------------------------------------------------------------------------------------------
+
+
+def qk_norm_layer(head_dim: int, enabled: bool) -> nn.Module:
+    # QK-norm keeps attention logits bounded as training goes on; SD3-medium was trained without it.
+    return RMSNorm(head_dim) if enabled else nn.Identity()
+
+
+class ImageSelfAttention(nn.Module):
+    """SD3.5-medium's second attention in an image stream: image tokens only, its own QKV, QK-norm
+    and output projection, fed by the same LayerNorm under its own (shift, scale)."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm, self.k_norm = qk_norm_layer(width // heads, qk_norm), qk_norm_layer(width // heads, qk_norm)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class StreamWeights(nn.Module):
@@ -227,41 +162,50 @@ class StreamWeights(nn.Module):
 
     `pre_only`: the condition stream of the LAST block only contributes keys/values (its outputs
     are never read again), so it keeps just the pre-attention half — no dead parameters.
+    `dual_attention` (image stream only): a second, image-only attention (ImageSelfAttention) with
+    three more modulation chunks (shift, scale, gate), added after the joint attention's residual.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, pre_only: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, pre_only: bool = False, qk_norm: bool = True,
+                 dual_attention: bool = False):
         super().__init__()
         self.heads, self.pre_only = heads, pre_only
         head_dim = width // heads
-        # adaLN-Zero: (shift, scale) for attention input, plus (gate, shift, scale, gate) for the rest.
-        self.modulation = nn.Linear(width, (2 if pre_only else 6) * width)
+        # adaLN-Zero: (shift, scale) for attention input, plus (gate, shift, scale, gate) for the rest,
+        # plus (shift, scale, gate) of the second attention.
+        self.chunks = 2 if pre_only else (9 if dual_attention else 6)
+        self.modulation = nn.Linear(width, self.chunks * width)
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = RMSNorm(head_dim)  # QK-norm keeps attention logits bounded as training goes on
-        self.k_norm = RMSNorm(head_dim)
+        self.q_norm, self.k_norm = qk_norm_layer(head_dim, qk_norm), qk_norm_layer(head_dim, qk_norm)
         if not pre_only:
             self.proj = nn.Linear(width, width)
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.mlp = FeedForward(width, mlp_ratio)
+        self.attn2 = ImageSelfAttention(width, heads, qk_norm) if dual_attention and not pre_only else None
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         """x: [B, L, D], c: [B, D]. Returns q, k, v as [B, H, L, hd] and the modulation chunks."""
-        mod = self.modulation(F.silu(c)).unsqueeze(1).chunk(2 if self.pre_only else 6, dim=-1)
+        mod = self.modulation(F.silu(c)).unsqueeze(1).chunk(self.chunks, dim=-1)
         h = modulate(self.norm1(x), mod[0], mod[1])
         q, k, v = rearrange(self.qkv(h), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v, mod
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, mod) -> torch.Tensor:
-        _, _, gate_attn, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_attn * self.proj(rearrange(attn, "b h l d -> b l (h d)"))
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        _, _, gate_attn, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        out = x + gate_attn * self.proj(rearrange(attn, "b h l d -> b l (h d)"))
+        if self.attn2 is not None:  # reads the block INPUT x, like the joint attention
+            shift2, scale2, gate2 = mod[6:]
+            out = out + gate2 * self.attn2(modulate(self.norm1(x), shift2, scale2))
+        return out + gate_mlp * self.mlp(modulate(self.norm2(out), shift_mlp, scale_mlp))
 
 
 class MMDiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, last: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, last: bool = False, qk_norm: bool = True,
+                 dual_attention: bool = False):
         super().__init__()
-        self.image = StreamWeights(width, heads, mlp_ratio)
-        self.context = StreamWeights(width, heads, mlp_ratio, pre_only=last)
+        self.image = StreamWeights(width, heads, mlp_ratio, qk_norm=qk_norm, dual_attention=dual_attention)
+        self.context = StreamWeights(width, heads, mlp_ratio, pre_only=last, qk_norm=qk_norm)
 
     def forward(self, img: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor, c: torch.Tensor):
         qi, ki, vi, mod_i = self.image.pre_attention(img, c)
@@ -308,22 +252,38 @@ def init_adaln_zero(module: nn.Module) -> None:
 
 
 class MMDiT(nn.Module):
-    """Velocity network v(z_t, t, condition) for images [B, C, H, W]."""
+    """Velocity network v(z_t, t, condition) for images [B, C, H, W].
+
+    pos_embed: "centres" (default; `sincos_pos_embed`, rebuilt at construction, not saved) or "sd3"
+    (`sd3_pos_embed` with pos_embed_max_size / pos_embed_base_size; a persistent buffer, so the
+    table a checkpoint was made with travels with it).
+    """
 
     def __init__(self, in_channels: int, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, qk_norm: bool = True, pos_embed: str = "centres", pos_embed_max_size: int = 0,
+                 pos_embed_base_size: int = 0, dual_attention_layers: Sequence[int] = ()):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if pos_embed not in POS_EMBED_STYLES:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; choose one of {POS_EMBED_STYLES}")
+        dual = set(int(i) for i in dual_attention_layers)
+        if dual - set(range(depth)):
+            raise ValueError(f"dual_attention_layers {sorted(dual)} must index blocks 0..{depth - 1}")
         self.in_channels, self.patch_size, self.grid = in_channels, patch_size, image_size // patch_size
         patch_dim = patch_size * patch_size * in_channels
         self.patch_embed = nn.Linear(patch_dim, width)
-        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, width), persistent=False)
+        if pos_embed == "sd3":
+            table = sd3_pos_embed(self.grid, width, pos_embed_max_size, pos_embed_base_size)
+        else:
+            table = sincos_pos_embed(self.grid, width)
+        self.register_buffer("pos_embed", table, persistent=pos_embed == "sd3")
         self.time_embed = TimestepEmbedder(width)
         self.blocks = nn.ModuleList(
-            [MMDiTBlock(width, heads, mlp_ratio, last=(i == depth - 1)) for i in range(depth)]
+            [MMDiTBlock(width, heads, mlp_ratio, last=(i == depth - 1), qk_norm=qk_norm, dual_attention=i in dual)
+             for i in range(depth)]
         )
         self.final = FinalLayer(width, patch_dim)
         init_adaln_zero(self)

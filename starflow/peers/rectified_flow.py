@@ -7,7 +7,8 @@ Time convention (used by every peer in this package): t = 0 is DATA, t = 1 is NO
 
 Training draws t from a timestep sampler (logit-normal, "mode", cosmap or uniform; optionally
 resolution-shifted) and minimises ||v_theta(z_t, t, c) - (eps - x0)||^2. Sampling integrates the
-ODE dz/dt = v from t = 1 (pure noise) down to t = 0 with Euler steps.
+ODE dz/dt = v from t = 1 (pure noise) down to t = 0 with Euler steps, by default on SD3's grid
+(schedules.py), optionally by diffusers' FlowMatchEulerDiscreteScheduler itself.
 
 Guidance convention (the same for every model of the harness, so `guidance=0` always means "no
 guidance, plain conditional sampling"):  v = v_c + w (v_c - v_u)  =  v_u + (1 + w)(v_c - v_u).
@@ -24,8 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starflow.io.hub import PretrainedMixin
-from starflow.peers.mmdit import Condition, ConditionEncoder, MMDiT
+from starflow.peers.conditioning import Condition, ConditionEncoder, repeat_condition  # noqa: F401  (re-exported)
+from starflow.peers.mmdit import MMDiT
+from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler,
+                                     schedule_sigmas, uniform_sigmas)
 
+SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
+NULL_CONDITIONS = ("learned", "negative")
 TIMESTEP_SAMPLERS = ("logit-normal", "mode", "cosmap", "uniform")
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)  # ~1.752; beyond it the mode map is not monotone
 
@@ -118,17 +124,34 @@ class TimestepSampler:
 
 
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                 steps: int, shift: float = 1.0) -> torch.Tensor:
-    """Integrate dz/dt = velocity(z, t) from t = 1 (noise) to t = 0 (data) with `steps` Euler steps
-    on the (optionally shifted) uniform grid. velocity gets z [B, ...] and t [B]. State kept in
-    float32 so low-precision velocities do not accumulate rounding over many steps."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    ts = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1, device=noise.device), shift)
+                 steps: int, shift: float = 1.0, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate dz/dt = velocity(z, t) from t = 1 (noise) to t = 0 (data) with Euler steps.
+    The grid is `sigmas` when given (N + 1 decreasing values, e.g. `schedules.sd3_sigmas` or
+    diffusers' scheduler.sigmas; `steps` and `shift` are then unused), else the shifted uniform
+    grid with `steps` steps. velocity gets z [B, ...] and t [B]. State kept in float32 so
+    low-precision velocities do not accumulate rounding over many steps."""
+    if sigmas is None:
+        ts = uniform_sigmas(steps, shift, device=noise.device)
+    else:
+        ts = check_sigmas(sigmas).to(noise.device)
     z = noise.float()
     for t, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(z, t.expand(z.shape[0]))
         z = z + (t_next - t) * v.float()
+    return z
+
+
+def diffusers_euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                           steps: int, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
+    """The same integration done by diffusers' FlowMatchEulerDiscreteScheduler (`step`), with its
+    grid for this shift (or dynamic shifting with mu). velocity gets t = sigma in [0, 1]."""
+    scheduler = make_diffusers_scheduler(shift, dynamic=mu is not None)
+    scheduler.set_timesteps(steps, mu=mu)
+    z = noise.float()
+    for i, timestep in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i].to(noise.device)
+        v = velocity(z, sigma.expand(z.shape[0]))
+        z = scheduler.step(v.float(), timestep, z).prev_sample
     return z
 
 
@@ -149,16 +172,6 @@ def batch_size_of(n: int, y: torch.Tensor | None, text) -> int:
     if text is not None and text[0].shape[0] != n:
         raise ValueError(f"asked for n={n} samples but got {text[0].shape[0]} text conditions")
     return n
-
-
-def repeat_condition(y: torch.Tensor | None, text):
-    """Stack a condition twice along the batch (rows [cond; uncond] for one CFG forward pass)."""
-    y2 = None if y is None else torch.cat([y, y])
-    if text is None:
-        return y2, None
-    states, mask, pooled = text
-    return y2, (torch.cat([states, states]), None if mask is None else torch.cat([mask, mask]),
-                None if pooled is None else torch.cat([pooled, pooled]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,8 +199,22 @@ class RectifiedFlowConfig:
     mode_scale: float = 1.29
     shift: float = 1.0  # resolution shift alpha, used for training timesteps AND the sampling grid
     sample_steps: int = 50
+    sample_schedule: str = "sd3"  # sampling grid: "sd3" (the reference) or "uniform" (starflow's earlier one)
+    dynamic_shift: bool = False  # sampling: exponential time shift, mu from the image token count
+    null_condition: str = "learned"  # CFG's unconditional branch: "learned" null or a caller's "negative"
+    # Network options that make MM-DiT the one SD3 defines (defaults = starflow's own network).
+    qk_norm: bool = True
+    pos_embed: str = "centres"  # "centres" or "sd3" (SD3's table, saved with the model)
+    pos_embed_max_size: int = 0  # sd3 table: side of the table the grid is cropped from (0 = grid)
+    pos_embed_base_size: int = 0  # sd3 table: grid the positions are scaled to (0 = grid)
+    dual_attention_layers: tuple = ()  # blocks with SD3.5-medium's extra image-only attention
 
     def __post_init__(self):
+        self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
+        if self.sample_schedule not in SCHEDULES:
+            raise ValueError(f"unknown sample_schedule {self.sample_schedule!r}; choose one of {SCHEDULES}")
+        if self.null_condition not in NULL_CONDITIONS:
+            raise ValueError(f"unknown null_condition {self.null_condition!r}; choose one of {NULL_CONDITIONS}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         for name in ("in_channels", "image_size", "patch_size", "width", "depth", "heads", "sample_steps"):
@@ -215,7 +242,10 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         self.condition = ConditionEncoder(config.width, config.num_classes, config.cond_dim, config.pooled_dim,
                                           config.num_class_tokens)
         self.net = MMDiT(config.in_channels, config.image_size, config.patch_size, config.width, config.depth,
-                         config.heads, config.mlp_ratio)
+                         config.heads, config.mlp_ratio, qk_norm=config.qk_norm, pos_embed=config.pos_embed,
+                         pos_embed_max_size=config.pos_embed_max_size,
+                         pos_embed_base_size=config.pos_embed_base_size,
+                         dual_attention_layers=config.dual_attention_layers)
         self.timestep_sampler = config.timesteps()
 
     @property
@@ -234,10 +264,11 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *, noise: torch.Tensor | None = None,
-             t: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             t: torch.Tensor | None = None, generator: torch.Generator | None = None, negative=None) -> torch.Tensor:
         """Mean squared velocity error. `noise` / `t` may be passed to make the loss deterministic
         (t is then used as given, unshifted). The condition is dropped with prob cond_drop_prob in
-        training mode only."""
+        training mode only, to the learned null or to `negative` (a text triple, e.g. the encoded
+        empty prompt) when given."""
         self._check_images(x)
         b = x.shape[0]
         if t is None:
@@ -249,39 +280,66 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         if self.training and self.config.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < self.config.cond_drop_prob).to(x.device)
-        cond = self.condition(b, y, text, drop, device=x.device)
+        cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         z_t = interpolate(x, noise, t)
         pred = self.velocity(z_t, t, cond)
         return F.mse_loss(pred.float(), velocity_target(x, noise).float())
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0, steps: int | None = None,
-               generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
+               negative=None, schedule: str | None = None, sigmas: torch.Tensor | None = None,
+               mu: float | None = None, sampler: str = "euler") -> torch.Tensor:
         """n images [n, C, H, W] by Euler integration from t=1 to t=0 (`steps` steps, default
-        config.sample_steps). guidance w: v_c + w (v_c - v_u), cond and uncond rows in one batch."""
-        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0)
+        config.sample_steps). guidance w: v_c + w (v_c - v_u), cond and uncond rows in one batch;
+        the unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
+        prompt) when given, else the learned null.
 
-    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool) -> torch.Tensor:
+        Grid: `sigmas` if given, else `schedule` (default config.sample_schedule) with the config's
+        shift, or dynamic shifting with `mu` (default: from the token count if config.dynamic_shift).
+        sampler="diffusers" hands the loop to diffusers' FlowMatchEulerDiscreteScheduler (its own
+        sd3 grid, same shift / mu)."""
+        return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
+                            negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler)
+
+    def sampling_mu(self, mu: float | None = None) -> float | None:
+        """mu of dynamic shifting: the caller's, else from the token count when config.dynamic_shift."""
+        if mu is None and self.config.dynamic_shift:
+            return dynamic_shift_mu(self.net.grid ** 2)
+        return mu
+
+    def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool, *, negative=None,
+                schedule=None, sigmas=None, mu=None, sampler="euler") -> torch.Tensor:
         device = torch.device(device) if device is not None else self.device
-        steps = self.config.sample_steps if steps is None else steps
+        c = self.config
+        steps = c.sample_steps if steps is None else steps
         batch_size_of(n, y, text)
         if cfg_batch and not self.condition.conditional:
             raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
-        c = self.config
+        if cfg_batch and negative is None and c.null_condition == "negative":
+            raise ValueError("this model has no learned null: guidance needs `negative` "
+                             "(e.g. the encoded empty prompt)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        mu = self.sampling_mu(mu)
         noise = randn((n, c.in_channels, c.image_size, c.image_size), generator, device)
         if not cfg_batch:
             cond = self.condition(n, y, text, device=device)
-            return euler_sample(lambda z, t: self.velocity(z, t, cond), noise, steps, c.shift)
-        # Rows [0, n) conditional, [n, 2n) the learned null: one forward pass per step.
-        y2, text2 = repeat_condition(y, text)
-        drop = torch.arange(2 * n, device=device) >= n
-        cond = self.condition(2 * n, y2, text2, drop, device=device)
+            velocity = lambda z, t: self.velocity(z, t, cond)  # noqa: E731
+        else:  # rows [0, n) conditional, [n, 2n) unconditional: one forward pass per step
+            cond = self.condition.guidance_pair(n, y, text, negative, device=device)
 
-        def cfg_velocity(z, t):
-            v_c, v_u = self.velocity(torch.cat([z, z]), torch.cat([t, t]), cond).chunk(2)
-            return guided(v_c, v_u, guidance)
+            def velocity(z, t):
+                v_c, v_u = self.velocity(torch.cat([z, z]), torch.cat([t, t]), cond).chunk(2)
+                return guided(v_c, v_u, guidance)
 
-        return euler_sample(cfg_velocity, noise, steps, c.shift)
+        if sampler == "diffusers":
+            if sigmas is not None or schedule not in (None, "sd3"):
+                raise ValueError("the diffusers sampler uses its own (sd3) grid: pass neither sigmas nor a schedule")
+            return diffusers_euler_sample(velocity, noise, steps, c.shift, mu)
+        if sigmas is None:
+            sigmas = schedule_sigmas(schedule or c.sample_schedule, steps, c.shift, mu, device=device)
+        return euler_sample(velocity, noise, steps, sigmas=sigmas)
 
     def nll(self, *args, **kwargs):
         raise NotImplementedError(
