@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
+
 SIDECAR_NAME = "starflow_autoencoder.json"
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -261,8 +263,6 @@ class Autoencoder(nn.Module):
     def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers model directory (+ sidecar). ``dtype`` (e.g. torch.float16) only changes
         the stored weights, not this module."""
-        from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
-
         os.makedirs(directory, exist_ok=True)
         vae = self.vae
         if isinstance(self.scaling_factor, float) and isinstance(self.shift_factor, float):

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from starflow.data.captioned import CaptionedImages
+from starflow.data.digits import DigitsDataset
+from starflow.data.folder import ImageFolderDataset
+from starflow.data.shapes import ShapesDataset
+
 
 def build_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3,
                   size: int = 10000) -> Dataset:
-    from starflow.data.digits import DigitsDataset
-    from starflow.data.folder import ImageFolderDataset
-
     if name in ("mnist", "digits"):
         return DigitsDataset(name, split)
     if name == "shapes":
-        from starflow.data.captioned import CaptionedImages
-        from starflow.data.shapes import ShapesDataset
-
         scenes = ShapesDataset(split, size=size, image_size=image_size or 32)
         return CaptionedImages(scenes.images(), scenes.captions)
     if name.startswith("folder:"):

@@ -66,7 +66,13 @@ import warnings
 import numpy as np
 import torch
 
+from starflow.data import build_dataset
+from starflow.evaluation.classifier import ASSET_DIR, conditional_accuracy, load_mnist_classifier
+from starflow.evaluation.features import InceptionFeatures, get_extractor
 from starflow.evaluation.frechet import FDSampleSizeWarning, FeatureStats, compare_stats, reference_stats
+from starflow.evaluation.likelihood import evaluate_nll
+from starflow.evaluation.precision_recall import precision_recall
+from starflow.io.hub import atomic_write_bytes
 
 __all__ = ["SCHEMA", "ALL_METRICS", "parse_metrics", "evaluate_model", "format_table", "write_json",
            "validate_report"]
@@ -123,8 +129,6 @@ def _generate(model, n, labels, batch_size, seed, sample_kwargs, device):
 
 
 def _load_split(dataset: str, split: str):
-    from starflow.data import build_dataset
-
     ds = build_dataset(dataset, split)
     if not hasattr(ds, "images"):
         raise ValueError(f"dataset {dataset!r} does not expose an image tensor")
@@ -208,8 +212,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
 
     effnet_feats = None
     if "fd" in metrics or "pr" in metrics:
-        from starflow.evaluation.features import get_extractor
-
         ext = get_extractor("effnetlite0", image_size=image_size, device=device)
         report["feature_extractor"] = {"name": ext.name, "metric": ext.metric_name, "dim": ext.dim,
                                        "image_size": ext.input_size}
@@ -223,8 +225,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
         timing["fd"] = time.time() - t0
 
     if "fid" in metrics:
-        from starflow.evaluation.features import InceptionFeatures
-
         t0 = time.time()
         log("FID (Inception) features ...")
         inc = InceptionFeatures(inception_weights, device=device)
@@ -234,8 +234,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
         timing["fid"] = time.time() - t0
 
     if "pr" in metrics:
-        from starflow.evaluation.precision_recall import precision_recall
-
         t0 = time.time()
         ref_f, gen_f, base_f = effnet_feats
         pr = precision_recall(ref_f, gen_f, k=3)
@@ -257,8 +255,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
                                         "reason": f"the committed classifier is for mnist with 10 classes "
                                                   f"(dataset={dataset}, num_classes={nc})"}
         else:
-            from starflow.evaluation.classifier import ASSET_DIR, conditional_accuracy, load_mnist_classifier
-
             clf = load_mnist_classifier(device=device)
             res = conditional_accuracy(gen, labels, classifier=clf)
             test_acc = None
@@ -280,8 +276,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
 
 
 def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, device, log):
-    from starflow.evaluation.likelihood import evaluate_nll
-
     if nll_max is not None and nll_max < len(images):
         # a seeded random subset: dataset splits may be sorted by class
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:nll_max].sort().values
@@ -397,8 +391,6 @@ def _jsonable(o):
 
 
 def write_json(report: dict, path: str) -> None:
-    from starflow.io.hub import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
 
 

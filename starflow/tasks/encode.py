@@ -43,6 +43,11 @@ import warnings
 import numpy as np
 import torch
 
+from starflow.components.autoencoder import images_to_float, images_to_uint8
+from starflow.io.hub import atomic_save_safetensors
+from starflow.io.images import dequantize, make_grid, to_pil, to_uint8
+from starflow.pipeline import StarflowPipeline
+
 NOISE_FORMAT = "starflow-noise-v1"
 
 
@@ -53,8 +58,6 @@ NOISE_FORMAT = "starflow-noise-v1"
 
 def as_pipeline(model_or_pipe):
     """A ``StarflowPipeline`` from a pipeline, a bare STARFlow, or a model/pipeline directory."""
-    from starflow.pipeline import StarflowPipeline
-
     if isinstance(model_or_pipe, StarflowPipeline):
         return model_or_pipe
     if isinstance(model_or_pipe, (str, os.PathLike)):
@@ -135,17 +138,13 @@ def pixels_to_float(pipe, images: torch.Tensor) -> torch.Tensor:
     the autoencoder's ``x / 127.5 - 1`` for latent models); ``float_to_pixels`` inverts it exactly."""
     if pipe.autoencoder is None:
         return (images.float() + 0.5) / 128.0 - 1.0
-    from starflow.components.autoencoder import images_to_float
 
     return images_to_float(images)
 
 
 def float_to_pixels(pipe, x: torch.Tensor) -> torch.Tensor:
     if pipe.autoencoder is None:
-        from starflow.io.images import to_uint8
-
         return to_uint8(x)
-    from starflow.components.autoencoder import images_to_uint8
 
     return images_to_uint8(x)
 
@@ -237,7 +236,6 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
     labels, text = condition_args(pipe, images.shape[0], y, prompt)
     if pipe.autoencoder is not None:
         return model.nll(to_model_space(pipe, images), labels, text).cpu(), "nats/dim"
-    from starflow.io.images import dequantize
 
     total = torch.zeros(images.shape[0], dtype=torch.float64)
     for _ in range(samples):
@@ -253,8 +251,6 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
 
 def save_noise(path: str, z: torch.Tensor, model_dir: str | None = None, y=None, prompt=None, **extra) -> None:
     """Write z to a safetensors file; metadata records the model and the condition used."""
-    from starflow.io.hub import atomic_save_safetensors
-
     meta = {"format": NOISE_FORMAT, "model": os.path.abspath(model_dir) if model_dir else "",
             "class": json.dumps(None if y is None else torch.as_tensor(y).reshape(-1).tolist()),
             "prompt": json.dumps(prompt), "shape": json.dumps(list(z.shape))}
@@ -404,8 +400,6 @@ class notes:
 
 def save_image(images: torch.Tensor, path: str) -> None:
     """One uint8 image [C, H, W] (or a batch, saved as a grid) to a PNG."""
-    from starflow.io.images import make_grid, to_pil
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = _as_batch(images)
     (to_pil(images[0]) if images.shape[0] == 1 else make_grid(images)).save(path)
