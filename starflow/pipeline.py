@@ -25,6 +25,7 @@ import os
 import torch
 
 from starflow.io.hub import atomic_write_bytes, read_config
+from starflow.protocols import LikelihoodModel
 
 INDEX = "model_index.json"
 DENOISE = ("decoder", "tweedie", "none")
@@ -107,7 +108,7 @@ class StarflowPipeline:
 
     def finish(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
         """A raw model sample -> images in [-1, 1]: denoise if the model was trained on noisy data, decode."""
-        if self.denoise == "tweedie" and self.noise_std > 0 and hasattr(self.model, "log_prob"):
+        if self.denoise == "tweedie" and self.noise_std > 0 and isinstance(self.model, LikelihoodModel):
             from starflow.components.denoise import tweedie_denoise
 
             x = tweedie_denoise(lambda v: self.model.log_prob(v, y, text), x, self.noise_std)
@@ -132,7 +133,7 @@ class StarflowPipeline:
 
     # ---- likelihood (flows only) ---------------------------------------------------------------
     def _flow(self):
-        if not hasattr(self.model, "log_prob"):
+        if not isinstance(self.model, LikelihoodModel):
             raise NotImplementedError(f"{type(self.model).__name__} has no exact likelihood")
         return self.model
 

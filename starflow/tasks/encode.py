@@ -47,6 +47,7 @@ from starflow.components.autoencoder import images_to_float, images_to_uint8
 from starflow.io.hub import atomic_save_safetensors
 from starflow.io.images import dequantize, make_grid, to_pil, to_uint8
 from starflow.pipeline import StarflowPipeline
+from starflow.protocols import LikelihoodModel
 
 NOISE_FORMAT = "starflow-noise-v1"
 
@@ -69,7 +70,7 @@ def as_pipeline(model_or_pipe):
 
 def _flow(pipe):
     model = pipe.model
-    if not hasattr(model, "log_prob") or not hasattr(model, "inverse"):
+    if not isinstance(model, LikelihoodModel):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; exact encoding needs a STARFlow model")
     return model
 

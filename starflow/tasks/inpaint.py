@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from starflow.protocols import TokenFlow
 from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
                              pixels_to_float)
 
@@ -167,7 +168,7 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
     ``steps``: resampling rounds (>= 1). Returns an :class:`InpaintResult`."""
     pipe = as_pipeline(pipe)
     model = pipe.model
-    if not hasattr(model, "inverse") or not hasattr(model, "patchify"):
+    if not isinstance(model, TokenFlow):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; inpainting needs a STARFlow model")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
