@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from starflow.data.spaces import linear_to_uint8, uint8_to_linear
 from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
 
 SIDECAR_NAME = "starflow_autoencoder.json"
@@ -52,7 +53,7 @@ DEFAULT_AUTOENCODERS = {
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]; floating input is returned unchanged (assumed in [-1, 1])."""
     if images.dtype == torch.uint8:
-        return images.float().div(127.5).sub(1.0)
+        return uint8_to_linear(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
     return images
@@ -60,7 +61,7 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return linear_to_uint8(images)
 
 
 def _as_channel_vector(value, channels: int, name: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starflow.data import DigitsDataset
+from starflow.data.spaces import uint8_to_linear
 from starflow.evaluation.features import to_unit_range
 from starflow.io.hub import PretrainedMixin, atomic_write_bytes
 
@@ -122,7 +123,7 @@ def train_classifier(dataset: str = "mnist", epochs: int = 15, batch_size: int =
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ds = DigitsDataset(dataset, "train")
-    images, labels = ds.images.float() / 127.5 - 1.0, ds.labels
+    images, labels = uint8_to_linear(ds.images), ds.labels
     val = None
     if val_fraction > 0:
         perm = torch.randperm(len(images), generator=g)

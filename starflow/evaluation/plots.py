@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-LN2 = math.log(2)
+from starflow.data.spaces import bits_per_dim  # noqa: E402
 MAX_SHEET = 12  # sample grids on the contact sheet (evenly spaced, first and last kept)
 EVENT_COLOURS = {"rollback": "tab:red", "skipped": "tab:orange"}
 
@@ -170,7 +170,7 @@ def curves(records: list[dict], info: dict) -> dict[str, tuple[np.ndarray, np.nd
     out = {"loss": _series(records, "loss")}
     if info.get("space") == "pixel":
         steps, loss = out["loss"]
-        out["bpd"] = (steps, loss / LN2 + 7.0)
+        out["bpd"] = (steps, bits_per_dim(loss))
     for key in ("grad_norm", "lr", "images_per_s"):
         out[key] = _series(records, key)
     return out

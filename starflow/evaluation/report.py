@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from starflow.data import build_dataset
+from starflow.data.spaces import uint8_to_linear
 from starflow.evaluation.classifier import ASSET_DIR, conditional_accuracy, load_mnist_classifier
 from starflow.evaluation.features import InceptionFeatures, get_extractor
 from starflow.evaluation.frechet import FDSampleSizeWarning, FeatureStats, compare_stats, reference_stats
@@ -292,7 +293,7 @@ def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, dev
         return None if y is None else y.to(device)
 
     def nats(x, y):
-        v = (x.float() / 127.5 - 1.0).to(device)
+        v = uint8_to_linear(x).to(device)
         if ae is not None:  # a latent model's density lives on (normalised) latents
             v = ae.encode(v)
         if noise_std > 0:  # the model was fit to data + N(0, noise_std^2): score what it models

@@ -36,7 +36,6 @@ would distort it and cropping would silently drop content).
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 
@@ -45,7 +44,8 @@ import torch
 
 from starflow.components.autoencoder import images_to_float, images_to_uint8
 from starflow.io.hub import atomic_save_safetensors
-from starflow.io.images import dequantize, make_grid, to_pil, to_uint8
+from starflow.data.spaces import bin_centres, bins_to_uint8, bits_per_dim, dequantize
+from starflow.io.images import make_grid, to_pil
 from starflow.pipeline import StarflowPipeline
 from starflow.protocols import LikelihoodModel
 
@@ -138,14 +138,14 @@ def pixels_to_float(pipe, images: torch.Tensor) -> torch.Tensor:
     """uint8 -> float [-1, 1] in the convention of the pipeline's space (bin centres for pixel models,
     the autoencoder's ``x / 127.5 - 1`` for latent models); ``float_to_pixels`` inverts it exactly."""
     if pipe.autoencoder is None:
-        return (images.float() + 0.5) / 128.0 - 1.0
+        return bin_centres(images)
 
     return images_to_float(images)
 
 
 def float_to_pixels(pipe, x: torch.Tensor) -> torch.Tensor:
     if pipe.autoencoder is None:
-        return to_uint8(x)
+        return bins_to_uint8(x)
 
     return images_to_uint8(x)
 
@@ -241,7 +241,7 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
     total = torch.zeros(images.shape[0], dtype=torch.float64)
     for _ in range(samples):
         x = dequantize(images, generator=generator)
-        total += (model.nll(x, labels, text) / math.log(2) + 7.0).double().cpu()
+        total += bits_per_dim(model.nll(x, labels, text)).double().cpu()
     return (total / samples).float(), "bits/dim"
 
 

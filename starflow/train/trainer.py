@@ -35,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from starflow.config import TrainConfig
+from starflow.data.spaces import add_dequantization_noise
 from starflow.io.images import save_images
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
@@ -183,8 +184,8 @@ class Trainer:
         x, y = x.to(self.device), y.to(self.device)
         shape = (B, *x.shape[1:])
         rows = slice(lo, lo + A * mb)
-        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.io.images.dequantize
-            x = (x.float() + torch.rand(shape, device=self.device)[rows]) / 128.0 - 1.0
+        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.data.spaces.dequantize
+            x = add_dequantization_noise(x, torch.rand(shape, device=self.device)[rows])
         else:
             x = x.float()
         if self.cfg.noise_std > 0:
