@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from starflow.components.postprocess import denoise_and_decode
 from starflow.protocols import TokenFlow
 from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
                              pixels_to_float)
@@ -219,13 +220,8 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
         x_new = model.inverse(model.unpatchify(z), labels, text, guidance=guidance, guidance_rule=guidance_rule)
         x = torch.where(cm, x_new, known)
     sample = x
-    if denoise and pipe.denoise == "tweedie" and pipe.noise_std > 0 and hasattr(model, "log_prob"):
-        from starflow.components.denoise import tweedie_denoise
-
-        cleaned = tweedie_denoise(lambda v: model.log_prob(v, labels, text), x, pipe.noise_std)
-        x = torch.where(cm, cleaned, known)
-    out = x if ae is None else ae.decode(x)
-    out = out.clamp(-1, 1)
+    out = denoise_and_decode(x, pipe.denoise if denoise else "none", pipe.noise_std,
+                             lambda v: model.log_prob(v, labels, text), ae, keep=(~cm, known))
     if blend == "paste":
         out = torch.where(pm.expand_as(out), out, pix)
     return InpaintResult(float_to_pixels(pipe, out).cpu(), sample.cpu(), cells.cpu(), tokens.cpu(), pm.cpu())

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from starflow.components.autoencoder import Autoencoder
-from starflow.components.denoise import tweedie_denoise
+from starflow.components.postprocess import denoise_and_decode
 from starflow.components.text_encoder import TextEncoder
 from starflow.config import FlowConfig
 from starflow.flow.block import Context, FlowBlock
@@ -179,11 +179,8 @@ class EditPipeline(StarflowPipeline):
         text = self.encode_prompts(prompt) if prompt is not None else None
         model = self.model
         x = model.sample(n, y=y, text=text, generator=generator, device=device or self.device, source=source, **kwargs)
-        if self.denoise == "tweedie" and self.noise_std > 0:
-            x = tweedie_denoise(lambda v: model.log_prob(v, y, text, source=source), x, self.noise_std)
-        if self.autoencoder is not None:
-            x = self.autoencoder.decode(x)
-        return x.clamp(-1, 1)
+        return denoise_and_decode(x, self.denoise, self.noise_std,
+                                  lambda v: model.log_prob(v, y, text, source=source), self.autoencoder)
 
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None) -> "EditPipeline":
