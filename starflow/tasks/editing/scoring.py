@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from starflow.data.shapes import (REFERENCE_SIZE)
-from starflow.evaluation.shapes_eval import as_float_image, detect_objects
+from starflow.evaluation.shapes_detect import as_float_image, detect_objects
 from starflow.tasks.editing.data import Instruction, MOVE_PX, TOL_PX, parse_instruction
 
 # ---------------------------------------------------------------------------------------------------
