@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starflow.data.shapes import COLOURS, PALETTE, SHAPES
-
+from starflow.data.shapes_specs import COLOURS, PALETTE, SHAPES
 
 HUE_TOLERANCE = 40.0  # degrees from a palette hue
 DETECT_THRESHOLD = 0.35  # membership for a pixel to join an object
