@@ -1,6 +1,6 @@
 """Exact encoding: an image -> its noise under the flow (through the autoencoder for latent models), and back.
 
-A flow is invertible, so every image has exactly one noise tensor z = f(x) (DESIGN.md §3 "Applications"),
+A flow is invertible, so every image has exactly one noise tensor z = f(x),
 and f^-1(z) gives the image back up to floating-point error:
 
     pixel model:   uint8 image -> x = (pixel + 0.5) / 128 - 1 (the centre of the dequantisation bin)
@@ -18,7 +18,7 @@ Per-image exact log-likelihood (``image_nll``), usable as an out-of-distribution
 like the training data):
 
 * pixel models: bits/dim of the 8-bit image under uniform dequantisation,
-  ``bpd = NLL(x) / (D ln 2) + 7`` with ``x = (pixel + U[0,1)) / 128 - 1`` (DESIGN.md §2); one seeded
+  ``bpd = NLL(x) / (D ln 2) + 7`` with ``x = (pixel + U[0,1)) / 128 - 1`` (``starflow.data.spaces``); one seeded
   dequantisation draw per image (``samples`` > 1 averages several).
 * latent models: nats/dim of the image's (posterior-mean) latents under the flow. This is a density of
   latents, not of pixels, so it is not comparable with pixel bits/dim; it still ranks images.

@@ -1,4 +1,4 @@
-"""Training-free inpainting with an invertible flow (DESIGN.md §3 "Applications"): iterative resampling.
+"""Training-free inpainting with an invertible flow: iterative resampling.
 
 Given an image, a binary mask (True / white = regenerate) and optionally a class or a prompt:
 
