@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from starflow.components.postprocess import denoise_and_decode
 from starflow.protocols import TokenFlow
-from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
-                             pixels_to_float)
+from starflow.tasks.encode import as_pipeline, check_images, condition_args, float_to_pixels, pixels_to_float
+from starflow.tasks.image_files import image_size_of, load_image
 
 BLENDS = ("paste", "decoded")
 
