@@ -24,10 +24,11 @@ import os
 
 import torch
 
+from starflow.components.postprocess import DENOISE, denoise_and_decode
 from starflow.io.hub import atomic_write_bytes, read_config
+from starflow.protocols import LikelihoodModel
 
 INDEX = "model_index.json"
-DENOISE = ("decoder", "tweedie", "none")
 
 
 def _model_class(model_type: str):
@@ -107,13 +108,8 @@ class StarflowPipeline:
 
     def finish(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
         """A raw model sample -> images in [-1, 1]: denoise if the model was trained on noisy data, decode."""
-        if self.denoise == "tweedie" and self.noise_std > 0 and hasattr(self.model, "log_prob"):
-            from starflow.components.denoise import tweedie_denoise
-
-            x = tweedie_denoise(lambda v: self.model.log_prob(v, y, text), x, self.noise_std)
-        if self.autoencoder is not None:
-            x = self.autoencoder.decode(x)
-        return x.clamp(-1, 1)
+        log_prob = (lambda v: self.model.log_prob(v, y, text)) if isinstance(self.model, LikelihoodModel) else None
+        return denoise_and_decode(x, self.denoise, self.noise_std, log_prob, self.autoencoder)
 
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
@@ -132,7 +128,7 @@ class StarflowPipeline:
 
     # ---- likelihood (flows only) ---------------------------------------------------------------
     def _flow(self):
-        if not hasattr(self.model, "log_prob"):
+        if not isinstance(self.model, LikelihoodModel):
             raise NotImplementedError(f"{type(self.model).__name__} has no exact likelihood")
         return self.model
 

@@ -15,6 +15,7 @@ from starflow.app.inputs import (
     _progress, check_choice, check_float, check_int, check_prompt, load_upload, noise_to_image,
     to_model_image, upscale,
 )
+from starflow.protocols import LikelihoodModel
 import gradio as gr  # noqa: E402  (imported after starflow.app.inputs set the offline environment)
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class Demo:
         slot = self._slot(which)
         img = load_upload(upload)
         pipe = slot.get()
-        if not (hasattr(pipe.model, "log_prob") and hasattr(pipe.model, "inverse")):
+        if not isinstance(pipe.model, LikelihoodModel):
             raise gr.Error(f"{type(pipe.model).__name__} has no exact inverse; encoding needs a flow.")
         x8, note = to_model_image(img, pipe.image_shape)
         y, prompt = self._condition(pipe, label, prompt)

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from starflow.train.trainer import resolve_device  # noqa: F401  (re-exported for the sub-commands)
+from starflow.train.distributed import resolve_device  # noqa: F401  (re-exported for the sub-commands)
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:

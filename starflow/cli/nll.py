@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.protocols import LikelihoodModel
 
 
 def add_parser(sub, name):
@@ -32,7 +33,7 @@ def run(args) -> int:
     if args.image:
         return _one_image(args, device)
     model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
-    if not hasattr(model, "bits_per_dim"):
+    if not isinstance(model.model, LikelihoodModel):  # model is a pipeline, which always has bits_per_dim
         raise ValueError(f"{type(model).__name__} has no exact likelihood")
     ds = build_dataset(args.dataset, args.split)
     generator = torch.Generator(device).manual_seed(args.seed)

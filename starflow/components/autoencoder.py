@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-SIDECAR_NAME = "starflow_autoencoder.json"
-DIFFUSERS_CONFIG = "config.json"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
-# Parameters whose names start with these belong to the encoder side (they decide the latents).
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+from starflow.components.autoencoder_files import (  # noqa: F401  (constants kept importable here)
+    DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, ENCODER_PREFIXES, SIDECAR_NAME, SUPPORTED_CLASSES, check_channels, read_json,
+    resolve_vae_dir, stored_dtype,
+)
+from starflow.data.spaces import linear_to_uint8, uint8_to_linear
+from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 # name -> sub-folder of starflow/assets
 DEFAULT_AUTOENCODERS = {
     "mnist": "autoencoder_mnist",
@@ -50,7 +50,7 @@ DEFAULT_AUTOENCODERS = {
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]; floating input is returned unchanged (assumed in [-1, 1])."""
     if images.dtype == torch.uint8:
-        return images.float().div(127.5).sub(1.0)
+        return uint8_to_linear(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
     return images
@@ -58,7 +58,7 @@ def images_to_float(images: torch.Tensor) -> torch.Tensor:
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255] (clamped, rounded)."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return linear_to_uint8(images)
 
 
 def _as_channel_vector(value, channels: int, name: str) -> torch.Tensor:
@@ -261,8 +261,6 @@ class Autoencoder(nn.Module):
     def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
         """Write a diffusers model directory (+ sidecar). ``dtype`` (e.g. torch.float16) only changes
         the stored weights, not this module."""
-        from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
-
         os.makedirs(directory, exist_ok=True)
         vae = self.vae
         if isinstance(self.scaling_factor, float) and isinstance(self.shift_factor, float):
@@ -284,15 +282,15 @@ class Autoencoder(nn.Module):
         sub-folder. ``image_channels``/``latent_channels``, when given, are checked against the config
         and a mismatch is a ``ValueError`` that names both numbers.
         """
-        directory = _resolve_vae_dir(path)
-        cfg = _read_json(os.path.join(directory, DIFFUSERS_CONFIG))
+        directory = resolve_vae_dir(path)
+        cfg = read_json(os.path.join(directory, DIFFUSERS_CONFIG))
         class_name = cfg.get("_class_name")
         if class_name not in SUPPORTED_CLASSES:
             hint = f"found _class_name={class_name!r}" if class_name else \
                 f"config has no '_class_name' (model_type={cfg.get('model_type')!r})"
             raise ValueError(f"{directory} is not a diffusers autoencoder directory: expected config.json with "
                              f"_class_name 'AutoencoderKL' (or 'AutoencoderTiny'), {hint}")
-        _check_channels(directory, cfg, image_channels, latent_channels)
+        check_channels(directory, cfg, image_channels, latent_channels)
         weights = os.path.join(directory, DIFFUSERS_WEIGHTS)
         if not os.path.exists(weights):
             present = sorted(f for f in os.listdir(directory) if f != DIFFUSERS_CONFIG)
@@ -315,75 +313,15 @@ class Autoencoder(nn.Module):
         side = {}
         sidecar_path = os.path.join(directory, SIDECAR_NAME)
         if os.path.exists(sidecar_path):
-            side = _read_json(sidecar_path)
+            side = read_json(sidecar_path)
         ae = cls(vae, scaling_factor=side.get("scaling_factor"), shift_factor=side.get("shift_factor"),
                  decoder_noise_sigma=side.get("decoder_noise_sigma"), info=side.get("info"))
         ae.source_dir = directory
-        ae.source_dtype = _stored_dtype(weights)
+        ae.source_dtype = stored_dtype(weights)
         ae.eval()
         if device is not None:
             ae.to(device)
         return ae
-
-
-def _stored_dtype(weights_path: str) -> torch.dtype | None:
-    """dtype of the floating tensors in a safetensors file (first one found)."""
-    from safetensors import safe_open
-
-    with safe_open(weights_path, framework="pt") as f:
-        for k in f.keys():
-            t = f.get_slice(k)
-            dt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}.get(
-                t.get_dtype())
-            if dt is not None:
-                return dt
-    return None
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt JSON in {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return d
-
-
-def _resolve_vae_dir(path: str) -> str:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"autoencoder directory not found: {path}")
-    if not os.path.isdir(path):
-        raise ValueError(f"--vae expects a diffusers model directory (config.json + {DIFFUSERS_WEIGHTS}), "
-                         f"got a file: {path}")
-    if os.path.exists(os.path.join(path, DIFFUSERS_CONFIG)):
-        cfg_path = os.path.join(path, DIFFUSERS_CONFIG)
-        try:
-            with open(cfg_path) as f:
-                is_vae = json.load(f).get("_class_name") in SUPPORTED_CLASSES
-        except (json.JSONDecodeError, AttributeError):
-            is_vae = False
-        if is_vae or not os.path.isdir(os.path.join(path, "vae")):
-            return path
-    sub = os.path.join(path, "vae")
-    if os.path.exists(os.path.join(sub, DIFFUSERS_CONFIG)):
-        return sub  # a diffusers pipeline folder
-    raise FileNotFoundError(f"{path} is not a diffusers autoencoder directory: expected {DIFFUSERS_CONFIG} and "
-                            f"{DIFFUSERS_WEIGHTS} (or a pipeline folder with a vae/ sub-folder)")
-
-
-def _check_channels(directory: str, cfg: dict, image_channels: int | None, latent_channels: int | None) -> None:
-    in_ch, out_ch, lat = cfg.get("in_channels", 3), cfg.get("out_channels", 3), cfg.get("latent_channels", 4)
-    if in_ch != out_ch:
-        raise ValueError(f"autoencoder at {directory} maps {in_ch}-channel images to {out_ch}-channel outputs; "
-                         f"expected in_channels == out_channels")
-    if image_channels is not None and in_ch != image_channels:
-        raise ValueError(f"autoencoder at {directory} takes {in_ch}-channel images (config in_channels={in_ch}) "
-                         f"but the data has {image_channels} channels; expected in_channels={image_channels}")
-    if latent_channels is not None and lat != latent_channels:
-        raise ValueError(f"autoencoder at {directory} has {lat} latent channels (config latent_channels={lat}) "
-                         f"but {latent_channels} were expected")
 
 
 def default_autoencoder_dir(name: str = "mnist") -> str:

@@ -3,10 +3,11 @@ outputs are computed once per caption and looked up per batch."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+
+from starflow.data.tensors import LabelledImages
 
 
-class CaptionedImages(Dataset):
+class CaptionedImages(LabelledImages):
     def __init__(self, images: torch.Tensor, captions: list[str]):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -14,19 +15,6 @@ class CaptionedImages(Dataset):
         index = {c: i for i, c in enumerate(self.captions)}
         self.images = images
         self.labels = torch.tensor([index[c] for c in captions], dtype=torch.long)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-    def get_batch(self, idx: torch.Tensor):
-        return self.images[idx], self.labels[idx]
 
 
 class TextTable:

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from starflow.data.tensors import LabelledImages
 
 MNIST_TEST_PER_CLASS = 50  # 4,500 train / 500 test
 SPLIT_SEED = 0
@@ -64,7 +65,7 @@ def _select(images, labels, split, test_per_class):
     raise ValueError(f"unknown split {split!r}; expected 'train', 'test' or 'all'")
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(LabelledImages):
     """uint8 images as tensors [1,H,W] (values 0..255) with integer labels."""
 
     num_classes = 10
@@ -77,16 +78,3 @@ class DigitsDataset(Dataset):
         self.images = torch.from_numpy(images).unsqueeze(1)  # [N,1,H,W] uint8
         self.labels = torch.from_numpy(labels)
         self.name, self.split = name, split
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-    def get_batch(self, idx: torch.Tensor):
-        return self.images[idx], self.labels[idx]

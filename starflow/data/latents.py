@@ -20,25 +20,15 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
+from starflow.data.registry import load_named_dataset  # noqa: F401  (kept importable here)
+from starflow.io.hub import atomic_save_safetensors
+
 CACHE_VERSION = "1"
 
 
 def default_cache_dir() -> str:
     return os.environ.get("STARFLOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "starflow", "latents"))
-
-
-def load_named_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3):
-    """``mnist``, ``digits``, ``folder:PATH`` (via ``starflow.data.build_dataset``) or ``shapes[:N_TRAIN]``
-    (synthetic captioned scenes; train split N_TRAIN = 10,000 scenes by default, test split 500)."""
-    if name == "shapes" or name.startswith("shapes:"):
-        from starflow.data.shapes import ShapesDataset
-
-        n_train = int(name.split(":", 1)[1]) if ":" in name else 10_000
-        kw = {"image_size": image_size} if image_size else {}
-        return ShapesDataset(split=split, size=n_train if split == "train" else 500, **kw)
-    from starflow.data.registry import build_dataset
-
-    return build_dataset(name, split, image_size=image_size, channels=channels)
 
 
 def add_latent_noise(z: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -163,8 +153,6 @@ class LatentDataset(Dataset):
             return None
 
     def _save(self, latents, labels):
-        from starflow.io.hub import atomic_save_safetensors
-
         meta = {"key": self.key, "name": self.name, "split": self.split, "flip": str(self.flip),
                 "version": CACHE_VERSION}
         if isinstance(labels, list):
@@ -186,8 +174,6 @@ def build_latent_dataset(name: str, split: str = "train", autoencoder="mnist", c
                          flip: bool = False, device=None, image_size: int | None = None) -> LatentDataset:
     """Latent dataset of a named dataset. ``autoencoder``: an ``Autoencoder``, a shipped name
     (``mnist``, ``mnist_ft``, ``shapes``, ...) or a diffusers directory (``--vae PATH``)."""
-    from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
-
     ds = load_named_dataset(name, split, image_size=image_size)
     if not isinstance(autoencoder, Autoencoder):
         autoencoder = resolve_autoencoder(str(autoencoder), device=device)

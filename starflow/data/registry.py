@@ -1,20 +1,21 @@
-"""Build a dataset from a config name: ``mnist``, ``digits``, ``shapes`` or ``folder:/path/to/images``."""
+"""Datasets by name, in one place: ``build_dataset`` for the flow trainer and the evaluations (``mnist``,
+``digits``, ``shapes``, ``folder:PATH``) and ``load_named_dataset`` for the autoencoder tools and latent
+caches, which read ``shapes[:N]`` as the raw scenes (captions as labels) instead."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from starflow.data.captioned import CaptionedImages
+from starflow.data.digits import DigitsDataset
+from starflow.data.folder import ImageFolderDataset
+from starflow.data.shapes import ShapesDataset
+
 
 def build_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3,
                   size: int = 10000) -> Dataset:
-    from starflow.data.digits import DigitsDataset
-    from starflow.data.folder import ImageFolderDataset
-
     if name in ("mnist", "digits"):
         return DigitsDataset(name, split)
     if name == "shapes":
-        from starflow.data.captioned import CaptionedImages
-        from starflow.data.shapes import ShapesDataset
-
         scenes = ShapesDataset(split, size=size, image_size=image_size or 32)
         return CaptionedImages(scenes.images(), scenes.captions)
     if name.startswith("folder:"):
@@ -22,3 +23,13 @@ def build_dataset(name: str, split: str = "train", image_size: int | None = None
             raise ValueError("a folder dataset needs image_size")
         return ImageFolderDataset(name[len("folder:"):], image_size, channels)
     raise ValueError(f"unknown dataset {name!r}; expected 'mnist', 'digits', 'shapes' or 'folder:PATH'")
+
+
+def load_named_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3):
+    """``mnist``, ``digits``, ``folder:PATH`` (as ``build_dataset``) or ``shapes[:N_TRAIN]``
+    (synthetic captioned scenes; train split N_TRAIN = 10,000 scenes by default, test split 500)."""
+    if name == "shapes" or name.startswith("shapes:"):
+        n_train = int(name.split(":", 1)[1]) if ":" in name else 10_000
+        kw = {"image_size": image_size} if image_size else {}
+        return ShapesDataset(split=split, size=n_train if split == "train" else 500, **kw)
+    return build_dataset(name, split, image_size=image_size, channels=channels)

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starflow.data import DigitsDataset
+from starflow.data.spaces import uint8_to_linear
+from starflow.evaluation.features import to_unit_range
 from starflow.io.hub import PretrainedMixin, atomic_write_bytes
 
 __all__ = [
@@ -85,7 +88,6 @@ class DigitClassifier(PretrainedMixin, nn.Module):
                 f"the digit classifier takes [N, {c}, {s}, {s}] images, got {tuple(images.shape)} "
                 "(channel count or image size differs from MNIST)"
             )
-        from starflow.evaluation.features import to_unit_range
 
         return to_unit_range(images).to(next(self.parameters()).device)
 
@@ -118,12 +120,10 @@ def train_classifier(dataset: str = "mnist", epochs: int = 15, batch_size: int =
     """Train on the dataset's train split. With ``val_fraction`` > 0 a class-mixed random part of the
     train split is held out and scored each epoch (for choosing the recipe without touching the test
     split). Returns (model in eval mode, history dict)."""
-    from starflow.data import DigitsDataset
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     ds = DigitsDataset(dataset, "train")
-    images, labels = ds.images.float() / 127.5 - 1.0, ds.labels
+    images, labels = uint8_to_linear(ds.images), ds.labels
     val = None
     if val_fraction > 0:
         perm = torch.randperm(len(images), generator=g)
@@ -201,7 +201,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, hist = train_classifier(epochs=args.epochs, seed=args.seed, val_fraction=args.val_fraction)
-    from starflow.data import DigitsDataset
 
     test = DigitsDataset("mnist", "test")
     acc = classifier_accuracy(model, test.images, test.labels)

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starflow.data.spaces import uint8_to_linear
+
 __all__ = [
     "prepare_images",
     "FeatureExtractor",
@@ -54,7 +56,7 @@ __all__ = [
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels or floats in [-1, 1] -> float32 in [-1, 1]; refuses NaN/inf and 0..255 floats."""
     if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
+        return uint8_to_linear(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
     x = images.float()

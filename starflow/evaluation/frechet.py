@@ -48,6 +48,9 @@ import warnings
 import numpy as np
 import torch
 
+from starflow.data import build_dataset
+from starflow.io.hub import atomic_write_bytes
+
 __all__ = [
     "FDSampleSizeWarning",
     "FeatureStats",
@@ -188,8 +191,6 @@ def default_cache_dir() -> str:
 
 
 def _load_split_images(dataset: str, split: str) -> torch.Tensor:
-    from starflow.data import build_dataset
-
     ds = build_dataset(dataset, split)
     if hasattr(ds, "images"):
         return ds.images
@@ -241,7 +242,6 @@ def reference_stats(dataset: str, split: str, extractor, n: int | None = None, s
     buf = io.BytesIO()
     np.savez(buf, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=feats,
              meta=np.array(json.dumps(meta, sort_keys=True)))
-    from starflow.io.hub import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())
     return stats, feats

@@ -63,15 +63,20 @@ import os
 import time
 import warnings
 
-import numpy as np
 import torch
 
+from starflow.data import build_dataset
+from starflow.data.spaces import uint8_to_linear
+from starflow.evaluation.classifier import ASSET_DIR, conditional_accuracy, load_mnist_classifier
+from starflow.evaluation.features import InceptionFeatures, get_extractor
 from starflow.evaluation.frechet import FDSampleSizeWarning, FeatureStats, compare_stats, reference_stats
+from starflow.evaluation.likelihood import evaluate_nll
+from starflow.evaluation.precision_recall import precision_recall
+from starflow.evaluation.report_format import SCHEMA, format_table, validate_report, write_json
 
 __all__ = ["SCHEMA", "ALL_METRICS", "parse_metrics", "evaluate_model", "format_table", "write_json",
            "validate_report"]
 
-SCHEMA = "starflow.eval/1"
 ALL_METRICS = ("fd", "fid", "pr", "acc", "nll")
 
 
@@ -123,8 +128,6 @@ def _generate(model, n, labels, batch_size, seed, sample_kwargs, device):
 
 
 def _load_split(dataset: str, split: str):
-    from starflow.data import build_dataset
-
     ds = build_dataset(dataset, split)
     if not hasattr(ds, "images"):
         raise ValueError(f"dataset {dataset!r} does not expose an image tensor")
@@ -208,8 +211,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
 
     effnet_feats = None
     if "fd" in metrics or "pr" in metrics:
-        from starflow.evaluation.features import get_extractor
-
         ext = get_extractor("effnetlite0", image_size=image_size, device=device)
         report["feature_extractor"] = {"name": ext.name, "metric": ext.metric_name, "dim": ext.dim,
                                        "image_size": ext.input_size}
@@ -223,8 +224,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
         timing["fd"] = time.time() - t0
 
     if "fid" in metrics:
-        from starflow.evaluation.features import InceptionFeatures
-
         t0 = time.time()
         log("FID (Inception) features ...")
         inc = InceptionFeatures(inception_weights, device=device)
@@ -234,8 +233,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
         timing["fid"] = time.time() - t0
 
     if "pr" in metrics:
-        from starflow.evaluation.precision_recall import precision_recall
-
         t0 = time.time()
         ref_f, gen_f, base_f = effnet_feats
         pr = precision_recall(ref_f, gen_f, k=3)
@@ -257,8 +254,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
                                         "reason": f"the committed classifier is for mnist with 10 classes "
                                                   f"(dataset={dataset}, num_classes={nc})"}
         else:
-            from starflow.evaluation.classifier import ASSET_DIR, conditional_accuracy, load_mnist_classifier
-
             clf = load_mnist_classifier(device=device)
             res = conditional_accuracy(gen, labels, classifier=clf)
             test_acc = None
@@ -280,8 +275,6 @@ def evaluate_model(model, metrics, dataset: str = "mnist", num_samples: int = 10
 
 
 def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, device, log):
-    from starflow.evaluation.likelihood import evaluate_nll
-
     if nll_max is not None and nll_max < len(images):
         # a seeded random subset: dataset splits may be sorted by class
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:nll_max].sort().values
@@ -298,7 +291,7 @@ def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, dev
         return None if y is None else y.to(device)
 
     def nats(x, y):
-        v = (x.float() / 127.5 - 1.0).to(device)
+        v = uint8_to_linear(x).to(device)
         if ae is not None:  # a latent model's density lives on (normalised) latents
             v = ae.encode(v)
         if noise_std > 0:  # the model was fit to data + N(0, noise_std^2): score what it models
@@ -325,120 +318,3 @@ def _nll_metric(model, images, labels, nc, split, batch_size, seed, nll_max, dev
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# output
-# ----------------------------------------------------------------------------------------------
-
-def _f(x, nd=4):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def format_table(report: dict) -> str:
-    rows = [("metric", "value", "detail")]
-    m = report["metrics"]
-    for key in ("fd", "fid"):
-        if key in m:
-            r = m[key]
-            if r["status"] != "ok":
-                rows.append((key, "n/a", r.get("reason", "")))
-                continue
-            detail = f"n_gen={r['n_gen']} n_ref={r['n_ref']} ({report['dataset']}/{report['reference_split']})"
-            if r.get("real_baseline"):
-                b = r["real_baseline"]
-                detail += f"; real train images at n={b['n_real']}: {b['value']:.3f}"
-            if r["singular_covariance"]:
-                detail += f"; n <= {r['feature_dim']} dims: biased, compare at equal n"
-            rows.append((r["name"], f"{r['value']:.3f}", detail))
-    if "pr" in m:
-        r = m["pr"]
-        b = r.get("real_baseline") or {}
-        tail = f"; real train images: {b['precision']:.3f} / {b['recall']:.3f}" if b else ""
-        rows.append(("precision", _f(r["precision"], 3), f"k={r['k']} n_gen={r['n_gen']} n_ref={r['n_ref']}{tail}"))
-        rows.append(("recall", _f(r["recall"], 3), ""))
-    if "acc" in m:
-        r = m["acc"]
-        if r["status"] == "ok":
-            ca = r.get("classifier_test_accuracy")
-            rows.append(("cond. accuracy", _f(r["accuracy"], 3),
-                         f"n={r['n']}; classifier on real test digits: {_f(ca, 3)}"))
-        else:
-            rows.append(("cond. accuracy", "n/a", r["reason"]))
-    if "nll" in m:
-        r = m["nll"]
-        space = r.get("space", "pixel")
-        for key, label in (("nats_per_dim", f"NLL nats/dim ({space})"), ("bits_per_dim", "NLL bits/dim")):
-            s = r.get(key)
-            if s is None:
-                rows.append((label, "n/a", r["reasons"].get(key, "")))
-            else:
-                extra = f", +N(0, {r['noise_std']:g}^2) noise" if key == "nats_per_dim" and r.get("noise_std") else ""
-                rows.append((label, f"{s['mean']:.4f}",
-                             f"95% CI [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}], n={s['n']} {r['split']} images{extra}"))
-    w = [max(len(str(row[i])) for row in rows) for i in range(2)]
-    lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c}".rstrip() for a, b, c in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
-    head = (f"starflow eval {report['checkpoint']}  dataset={report['dataset']}  num_samples={report['num_samples']}"
-            f"  seed={report['seed']}")
-    return "\n".join([head, *lines])
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    return o
-
-
-def write_json(report: dict, path: str) -> None:
-    from starflow.io.hub import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(_jsonable(report), indent=2) + "\n").encode())
-
-
-_TOP_KEYS = {"schema": str, "checkpoint": str, "dataset": str, "reference_split": str, "num_samples": int,
-             "seed": int, "device": str, "created": str, "model": dict, "sample_kwargs": dict, "timing_s": dict,
-             "warnings": list, "metrics": dict}
-_METRIC_KEYS = {
-    "fd": {"name", "value", "n_gen", "n_ref", "feature_dim", "singular_covariance", "estimator", "real_baseline"},
-    "fid": {"name", "value", "n_gen", "n_ref", "feature_dim", "singular_covariance", "estimator", "real_baseline"},
-    "pr": {"precision", "recall", "k", "n_gen", "n_ref", "real_baseline"},
-    "acc": {"accuracy", "n", "per_class", "labels", "classifier_test_accuracy"},
-    "nll": {"split", "conditioned_on_labels", "space", "noise_std", "nats_per_dim", "bits_per_dim", "reasons"},
-}
-_STAT_KEYS = {"mean", "std", "sem", "ci95", "confidence", "n", "unit"}
-
-
-def validate_report(report: dict) -> None:
-    """Raise ``ValueError`` if ``report`` does not follow the documented schema."""
-    for k, t in _TOP_KEYS.items():
-        if k not in report:
-            raise ValueError(f"report lacks {k!r}")
-        if not isinstance(report[k], t):
-            raise ValueError(f"report[{k!r}] should be {t.__name__}, got {type(report[k]).__name__}")
-    if report["schema"] != SCHEMA:
-        raise ValueError(f"unknown schema {report['schema']!r}")
-    if "feature_extractor" not in report:
-        raise ValueError("report lacks 'feature_extractor'")
-    for name, r in report["metrics"].items():
-        if name not in _METRIC_KEYS:
-            raise ValueError(f"unknown metric {name!r} in report")
-        if r.get("status") not in ("ok", "n/a"):
-            raise ValueError(f"metric {name!r}: status must be 'ok' or 'n/a', got {r.get('status')!r}")
-        if r["status"] == "n/a":
-            if not isinstance(r.get("reason"), str) or not r["reason"]:
-                raise ValueError(f"metric {name!r} is n/a without a reason")
-            continue
-        missing = _METRIC_KEYS[name] - set(r)
-        if missing:
-            raise ValueError(f"metric {name!r} lacks {sorted(missing)}")
-        if name == "nll":
-            for key in ("nats_per_dim", "bits_per_dim"):
-                if r[key] is not None and _STAT_KEYS - set(r[key]):
-                    raise ValueError(f"nll.{key} lacks {sorted(_STAT_KEYS - set(r[key]))}")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from starflow.config import FlowConfig
+from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
@@ -206,7 +207,5 @@ class STARFlow(nn.Module, PretrainedMixin):
         """
         if images.dtype != torch.uint8:
             raise ValueError(f"bits_per_dim takes uint8 images, got {images.dtype}")
-        device = self.prior_var.device
-        noise = torch.rand(images.shape, generator=generator, device=images.device if generator is None else generator.device)
-        x = (images.float() + noise.to(images.device)) / 256.0 * 2 - 1
-        return self.nll(x.to(device), y) / math.log(2) + 7.0
+        x = spaces.dequantize(images, generator)
+        return spaces.bits_per_dim(self.nll(x.to(self.prior_var.device), y))

@@ -8,16 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> continuous y = 2u - 1 with u = (pixel + U[0,1)) / 256 (DESIGN.md §2)."""
-    noise = torch.rand(images.shape, generator=generator, device=images.device)
-    return (images.float() + noise) / 128.0 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-space [-1, 1] -> uint8 (the inverse of dequantize's bin centre)."""
-    return ((x.float() + 1.0) * 128.0).floor().clamp(0, 255).to(torch.uint8)
+from starflow.data.spaces import bins_to_uint8 as to_uint8  # noqa: F401  (model space [-1, 1] -> uint8)
+from starflow.data.spaces import dequantize  # noqa: F401  (re-exported: the conversions live in data.spaces)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -1,6 +1,6 @@
 """Exact encoding: an image -> its noise under the flow (through the autoencoder for latent models), and back.
 
-A flow is invertible, so every image has exactly one noise tensor z = f(x) (DESIGN.md §3 "Applications"),
+A flow is invertible, so every image has exactly one noise tensor z = f(x),
 and f^-1(z) gives the image back up to floating-point error:
 
     pixel model:   uint8 image -> x = (pixel + 0.5) / 128 - 1 (the centre of the dequantisation bin)
@@ -18,7 +18,7 @@ Per-image exact log-likelihood (``image_nll``), usable as an out-of-distribution
 like the training data):
 
 * pixel models: bits/dim of the 8-bit image under uniform dequantisation,
-  ``bpd = NLL(x) / (D ln 2) + 7`` with ``x = (pixel + U[0,1)) / 128 - 1`` (DESIGN.md §2); one seeded
+  ``bpd = NLL(x) / (D ln 2) + 7`` with ``x = (pixel + U[0,1)) / 128 - 1`` (``starflow.data.spaces``); one seeded
   dequantisation draw per image (``samples`` > 1 averages several).
 * latent models: nats/dim of the image's (posterior-mean) latents under the flow. This is a density of
   latents, not of pixels, so it is not comparable with pixel bits/dim; it still ranks images.
@@ -26,22 +26,22 @@ like the training data):
 A model trained with Gaussian noise augmentation (``noise_std`` > 0) has the density of *noisy* data; its
 likelihood at a clean image is what is reported (it still orders in- vs out-of-distribution images).
 
-User images (``load_image``): PNG/JPEG/anything Pillow reads. Conversions are done with a note (a
-``UserWarning``): RGBA / LA / palette images with transparency are composited onto the black background
-of the training data; RGB -> grayscale uses Pillow's ITU-R 601 luma; grayscale -> RGB repeats the channel;
-16-bit and float grayscale are rescaled to 8 bits; animated files use their first frame. A square image of
-another size is resized (bicubic) to the model's size with a note; a non-square image is rejected (resizing
-would distort it and cropping would silently drop content).
+User image files (``load_image``, ``notes``) are read by ``starflow.tasks.image_files``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import warnings
 
-import numpy as np
 import torch
+
+from starflow.components.autoencoder import images_to_float, images_to_uint8
+from starflow.data.spaces import bin_centres, bins_to_uint8, bits_per_dim, dequantize
+from starflow.io.hub import atomic_save_safetensors
+from starflow.io.images import make_grid, to_pil
+from starflow.pipeline import StarflowPipeline
+from starflow.protocols import LikelihoodModel
+from starflow.tasks.image_files import image_size_of, load_image, notes  # noqa: F401  (kept importable here)
 
 NOISE_FORMAT = "starflow-noise-v1"
 
@@ -53,8 +53,6 @@ NOISE_FORMAT = "starflow-noise-v1"
 
 def as_pipeline(model_or_pipe):
     """A ``StarflowPipeline`` from a pipeline, a bare STARFlow, or a model/pipeline directory."""
-    from starflow.pipeline import StarflowPipeline
-
     if isinstance(model_or_pipe, StarflowPipeline):
         return model_or_pipe
     if isinstance(model_or_pipe, (str, os.PathLike)):
@@ -66,7 +64,7 @@ def as_pipeline(model_or_pipe):
 
 def _flow(pipe):
     model = pipe.model
-    if not hasattr(model, "log_prob") or not hasattr(model, "inverse"):
+    if not isinstance(model, LikelihoodModel):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; exact encoding needs a STARFlow model")
     return model
 
@@ -134,18 +132,14 @@ def pixels_to_float(pipe, images: torch.Tensor) -> torch.Tensor:
     """uint8 -> float [-1, 1] in the convention of the pipeline's space (bin centres for pixel models,
     the autoencoder's ``x / 127.5 - 1`` for latent models); ``float_to_pixels`` inverts it exactly."""
     if pipe.autoencoder is None:
-        return (images.float() + 0.5) / 128.0 - 1.0
-    from starflow.components.autoencoder import images_to_float
+        return bin_centres(images)
 
     return images_to_float(images)
 
 
 def float_to_pixels(pipe, x: torch.Tensor) -> torch.Tensor:
     if pipe.autoencoder is None:
-        from starflow.io.images import to_uint8
-
-        return to_uint8(x)
-    from starflow.components.autoencoder import images_to_uint8
+        return bins_to_uint8(x)
 
     return images_to_uint8(x)
 
@@ -237,12 +231,11 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
     labels, text = condition_args(pipe, images.shape[0], y, prompt)
     if pipe.autoencoder is not None:
         return model.nll(to_model_space(pipe, images), labels, text).cpu(), "nats/dim"
-    from starflow.io.images import dequantize
 
     total = torch.zeros(images.shape[0], dtype=torch.float64)
     for _ in range(samples):
         x = dequantize(images, generator=generator)
-        total += (model.nll(x, labels, text) / math.log(2) + 7.0).double().cpu()
+        total += bits_per_dim(model.nll(x, labels, text)).double().cpu()
     return (total / samples).float(), "bits/dim"
 
 
@@ -253,8 +246,6 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
 
 def save_noise(path: str, z: torch.Tensor, model_dir: str | None = None, y=None, prompt=None, **extra) -> None:
     """Write z to a safetensors file; metadata records the model and the condition used."""
-    from starflow.io.hub import atomic_save_safetensors
-
     meta = {"format": NOISE_FORMAT, "model": os.path.abspath(model_dir) if model_dir else "",
             "class": json.dumps(None if y is None else torch.as_tensor(y).reshape(-1).tolist()),
             "prompt": json.dumps(prompt), "shape": json.dumps(list(z.shape))}
@@ -295,117 +286,8 @@ def load_noise(path: str) -> tuple[torch.Tensor, dict]:
     return z, out
 
 
-# ---------------------------------------------------------------------------------------------------
-# user image files
-# ---------------------------------------------------------------------------------------------------
-
-
-def _note(msg: str) -> None:
-    warnings.warn(msg, UserWarning, stacklevel=3)
-
-
-def _to_mode(im, channels: int, what: str):
-    """A PIL image -> 'L' (channels 1) or 'RGB' (channels 3), noting each conversion."""
-    from PIL import Image
-
-    if getattr(im, "n_frames", 1) > 1:
-        _note(f"{what} has {im.n_frames} frames; using the first")
-        im.seek(0)
-    mode = im.mode
-    target = "L" if channels == 1 else "RGB"
-    if mode == target:
-        return im
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit-depth grayscale
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if mode == "F" and arr.max() <= 1.0:
-            hi = 1.0
-        arr = np.clip(np.round(arr / hi * 255.0), 0, 255).astype(np.uint8)
-        _note(f"{what} is {mode} (high bit depth grayscale); rescaled to 8 bits")
-        im, mode = Image.fromarray(arr, mode="L"), "L"
-        if target == "L":
-            return im
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        mode = im.mode
-    if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(bg, im.convert("RGBA")).convert("RGB")
-        _note(f"{what} has an alpha channel ({mode}); composited onto a black background")
-        mode = "RGB"
-        if target == "RGB":
-            return im
-    try:
-        out = im.convert(target)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"cannot convert {what} from mode {mode} to {target}: {e}") from e
-    if mode != target:
-        kind = "grayscale" if target == "L" else "RGB"
-        _note(f"{what} is {mode}; converted to {kind} ({target}) for this {channels}-channel model")
-    return out
-
-
-def load_image(path: str, channels: int, size: int, what: str = "image", resize: bool = True) -> torch.Tensor:
-    """An image file -> uint8 [channels, size, size], converted (with notes) as the module docstring says."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        im = Image.open(path)
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read {what} {path}: not an image Pillow can decode ({e})") from e
-    w, h = im.size
-    if w != h:
-        raise ValueError(f"{what} {path} is {w}x{h}; this model takes square {size}x{size} images "
-                         f"(crop it to a square first)")
-    im = _to_mode(im, channels, f"{what} {os.path.basename(path)}")
-    if w != size:
-        if not resize:
-            raise ValueError(f"{what} {path} is {w}x{h}; this model takes {size}x{size} images")
-        _note(f"{what} {os.path.basename(path)} is {w}x{h}; resized to the model's {size}x{size}")
-        im = im.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(im, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(arr.copy())
-
-
-def image_size_of(path: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-
-
-class notes:
-    """Context manager for the CLIs: conversion notes (UserWarnings) are printed to stderr as ``note: ...``
-    lines instead of Python's warning format."""
-
-    def __enter__(self):
-        self._cm = warnings.catch_warnings(record=True)
-        self.records = self._cm.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._cm.__exit__(*exc)
-        import sys
-
-        for r in self.records:
-            print(f"note: {r.message}", file=sys.stderr)
-        return False
-
-
 def save_image(images: torch.Tensor, path: str) -> None:
     """One uint8 image [C, H, W] (or a batch, saved as a grid) to a PNG."""
-    from starflow.io.images import make_grid, to_pil
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = _as_batch(images)
     (to_pil(images[0]) if images.shape[0] == 1 else make_grid(images)).save(path)

@@ -1,4 +1,4 @@
-"""Training-free inpainting with an invertible flow (DESIGN.md §3 "Applications"): iterative resampling.
+"""Training-free inpainting with an invertible flow: iterative resampling.
 
 Given an image, a binary mask (True / white = regenerate) and optionally a class or a prompt:
 
@@ -43,8 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
-                             pixels_to_float)
+from starflow.components.postprocess import denoise_and_decode
+from starflow.protocols import TokenFlow
+from starflow.tasks.encode import as_pipeline, check_images, condition_args, float_to_pixels, pixels_to_float
+from starflow.tasks.image_files import image_size_of, load_image
 
 BLENDS = ("paste", "decoded")
 
@@ -167,7 +169,7 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
     ``steps``: resampling rounds (>= 1). Returns an :class:`InpaintResult`."""
     pipe = as_pipeline(pipe)
     model = pipe.model
-    if not hasattr(model, "inverse") or not hasattr(model, "patchify"):
+    if not isinstance(model, TokenFlow):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; inpainting needs a STARFlow model")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -218,13 +220,8 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
         x_new = model.inverse(model.unpatchify(z), labels, text, guidance=guidance, guidance_rule=guidance_rule)
         x = torch.where(cm, x_new, known)
     sample = x
-    if denoise and pipe.denoise == "tweedie" and pipe.noise_std > 0 and hasattr(model, "log_prob"):
-        from starflow.components.denoise import tweedie_denoise
-
-        cleaned = tweedie_denoise(lambda v: model.log_prob(v, labels, text), x, pipe.noise_std)
-        x = torch.where(cm, cleaned, known)
-    out = x if ae is None else ae.decode(x)
-    out = out.clamp(-1, 1)
+    out = denoise_and_decode(x, pipe.denoise if denoise else "none", pipe.noise_std,
+                             lambda v: model.log_prob(v, labels, text), ae, keep=(~cm, known))
     if blend == "paste":
         out = torch.where(pm.expand_as(out), out, pix)
     return InpaintResult(float_to_pixels(pipe, out).cpu(), sample.cpu(), cells.cpu(), tokens.cpu(), pm.cpu())

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from starflow.components.autoencoder import Autoencoder, images_to_float
+from starflow.train.schedule import warmup_cosine
 
 
 @dataclass
@@ -91,13 +92,6 @@ def _recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
     raise ValueError(f"unknown recon_loss {kind!r}; expected 'l1', 'l2' or 'l1+l2'")
 
 
-def _lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def _batch(images: torch.Tensor, idx: torch.Tensor, flip: bool, gen: torch.Generator, device) -> torch.Tensor:
     x = images_to_float(images[idx]).to(device)
     if flip:
@@ -159,7 +153,7 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
     run_rec = run_kl = 0.0
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_at(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         idx = torch.randint(0, len(train_images), (cfg.batch_size,), generator=gen)
         x = _batch(train_images, idx, cfg.flip, gen, device)
         post = ae.vae.encode(x).latent_dist
@@ -220,7 +214,7 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     run = 0.0
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_at(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen)
         z = z_all[idx] + cfg.sigma * torch.randn(z_all[idx].shape, generator=gen)
         x = images_to_float(x_all[idx]).to(device)

@@ -35,18 +35,12 @@ import yaml
 from tqdm import tqdm
 
 from starflow.config import TrainConfig
+from starflow.data.spaces import add_dequantization_noise
 from starflow.io.images import save_images
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
 from starflow.train.ema import make_ema
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
+from starflow.train.schedule import warmup_cosine
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -61,10 +55,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 class TrainingInterrupted(Exception):
@@ -183,8 +174,8 @@ class Trainer:
         x, y = x.to(self.device), y.to(self.device)
         shape = (B, *x.shape[1:])
         rows = slice(lo, lo + A * mb)
-        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.io.images.dequantize
-            x = (x.float() + torch.rand(shape, device=self.device)[rows]) / 128.0 - 1.0
+        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.data.spaces.dequantize
+            x = add_dequantization_noise(x, torch.rand(shape, device=self.device)[rows])
         else:
             x = x.float()
         if self.cfg.noise_std > 0:

@@ -1,4 +1,4 @@
-"""Instruction editing (DESIGN.md §3 "Applications"): an editing dataset made from shapes scenes, an edit
+"""Instruction editing: an editing dataset made from shapes scenes, an edit
 model that reads the source image as an extra prefix of the deep block, its training, and automatic scoring.
 
 Dataset

@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from starflow.components.autoencoder import Autoencoder
+from starflow.components.postprocess import denoise_and_decode
+from starflow.components.text_encoder import TextEncoder
 from starflow.config import FlowConfig
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.model import STARFlow
-from starflow.pipeline import StarflowPipeline
+from starflow.pipeline import INDEX, StarflowPipeline
+from starflow.tasks.encode import check_images, float_to_pixels, to_model_space
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,8 +158,6 @@ class EditPipeline(StarflowPipeline):
     @torch.no_grad()
     def edit(self, images: torch.Tensor, instructions, guidance: float = 0.0, guidance_rule: str = "starflow",
              temperature: float = 1.0, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
-        from starflow.tasks.encode import check_images, float_to_pixels
-
         images = check_images(self, images)
         x = self.sample(images.shape[0], prompt=instructions, source=images, guidance=guidance,
                         guidance_rule=guidance_rule, temperature=temperature, generator=generator, **kwargs)
@@ -163,8 +165,6 @@ class EditPipeline(StarflowPipeline):
 
     @torch.no_grad()
     def sample(self, n, y=None, prompt=None, generator=None, device=None, source=None, **kwargs):
-        from starflow.tasks.encode import to_model_space
-
         if source is None:
             if self.preview_sources is None:
                 raise ValueError("editing needs source images")
@@ -179,18 +179,11 @@ class EditPipeline(StarflowPipeline):
         text = self.encode_prompts(prompt) if prompt is not None else None
         model = self.model
         x = model.sample(n, y=y, text=text, generator=generator, device=device or self.device, source=source, **kwargs)
-        if self.denoise == "tweedie" and self.noise_std > 0:
-            from starflow.components.denoise import tweedie_denoise
-
-            x = tweedie_denoise(lambda v: model.log_prob(v, y, text, source=source), x, self.noise_std)
-        if self.autoencoder is not None:
-            x = self.autoencoder.decode(x)
-        return x.clamp(-1, 1)
+        return denoise_and_decode(x, self.denoise, self.noise_std,
+                                  lambda v: model.log_prob(v, y, text, source=source), self.autoencoder)
 
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None) -> "EditPipeline":
-        from starflow.pipeline import INDEX
-
         index_path = os.path.join(directory, INDEX)
         if not os.path.exists(index_path):
             raise FileNotFoundError(f"{directory} has no {INDEX}; is it a saved edit pipeline?")
@@ -199,11 +192,7 @@ class EditPipeline(StarflowPipeline):
         model = EditSTARFlow.from_pretrained(os.path.join(directory, index["model"]), map_location=device)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
-            from starflow.components.autoencoder import Autoencoder
-
             autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
         if index.get("text_encoder"):
-            from starflow.components.text_encoder import TextEncoder
-
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
         return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from starflow.data.shapes import (REFERENCE_SIZE)
+from starflow.evaluation.shapes_detect import as_float_image, detect_objects
 from starflow.tasks.editing.data import Instruction, MOVE_PX, TOL_PX, parse_instruction
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,8 +39,6 @@ def infer_edit(source_image, edited_image, tol_px: float = TOL_PX) -> Instructio
     """The single edit that turns the objects detected in ``source_image`` into those detected in
     ``edited_image`` (``tol_px`` at 32 px, scaled with the image size), or None if the difference is not
     exactly one recolour / remove / add / move (or an object is undetectable / of unknown shape)."""
-    from starflow.evaluation.shapes_eval import as_float_image, detect_objects
-
     h = as_float_image(source_image).shape[0]
     scale = h / REFERENCE_SIZE
     src, dst = detect_objects(source_image), detect_objects(edited_image)
@@ -67,8 +66,6 @@ def infer_edit(source_image, edited_image, tol_px: float = TOL_PX) -> Instructio
 def score_edit(source_image, edited_image, instruction, tol_px: float = TOL_PX) -> dict:
     """Did the edit happen? ``passed``: the detected change is exactly ``instruction`` (Instruction or text).
     ``rest_ok``: every source object other than the edited one is still detected unchanged."""
-    from starflow.evaluation.shapes_eval import as_float_image, detect_objects
-
     ins = parse_instruction(instruction) if isinstance(instruction, str) else instruction
     got = infer_edit(source_image, edited_image, tol_px)
     h = as_float_image(source_image).shape[0]

@@ -5,10 +5,15 @@ import os
 
 import torch
 
-from starflow.config import FlowConfig
+from starflow.components.autoencoder import resolve_autoencoder
+from starflow.components.text_encoder import TextEncoder
+from starflow.config import FlowConfig, TrainConfig
+from starflow.data.captioned import TextTable
 from starflow.pipeline import StarflowPipeline
 from starflow.tasks.editing.data import EditDataset
 from starflow.tasks.editing.model import EditPipeline, EditSTARFlow
+from starflow.tasks.encode import to_model_space
+from starflow.train.trainer import Trainer
 
 # ---------------------------------------------------------------------------------------------------
 # Training (the project trainer)
@@ -38,13 +43,9 @@ def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_e
     (instruction states, source in model space). ``train_cfg`` is a ``TrainConfig``. ``autoencoder`` encodes
     sources and targets (latent models); ``decoder`` (default: the same) is what the exported pipeline
     decodes with (e.g. a decoder fine-tuned on noisy latents)."""
-    from starflow.data.captioned import TextTable
-    from starflow.train.trainer import Trainer
-
     src = torch.stack([data[i][0] for i in range(len(data))])
     tgt = torch.stack([data[i][1] for i in range(len(data))])
     pipe_probe = EditPipeline(model, autoencoder, text_encoder, train_cfg.noise_std)
-    from starflow.tasks.encode import to_model_space
 
     with torch.no_grad():
         sources = torch.cat([to_model_space(pipe_probe, src[i:i + 256]) for i in range(0, len(src), 256)]).cpu()
@@ -90,7 +91,6 @@ def train_main(argv=None) -> str:
     model of ``SCRATCH_CONFIG`` is trained from scratch on the shipped shapes autoencoder."""
     import argparse
 
-    from starflow.config import TrainConfig
 
     p = argparse.ArgumentParser(prog="python -m starflow.tasks.editing", description=train_main.__doc__.split("\n")[0])
     p.add_argument("--base", help="text-to-image pipeline to fine-tune (default: train from scratch)")
@@ -119,9 +119,6 @@ def train_main(argv=None) -> str:
         encoder = decoder = base.autoencoder
         text_encoder, noise_std = base.text_encoder, base.noise_std
     else:
-        from starflow.components.autoencoder import resolve_autoencoder
-        from starflow.components.text_encoder import TextEncoder
-
         encoder, decoder = resolve_autoencoder(args.autoencoder), resolve_autoencoder(args.decoder)
         text_encoder, noise_std = TextEncoder.from_pretrained(args.text_encoder), args.noise_std
         model = EditSTARFlow(FlowConfig(**SCRATCH_CONFIG))

@@ -1,0 +1,205 @@
+"""The package's import graph has no cycle, and imports hidden in functions say why they are there.
+
+The graph is read from the source (AST), so it sees every import: module level and in-function,
+relative ones resolved. ``from starflow.pkg import name`` is an edge to ``starflow.pkg.name`` when that
+is a module, else to ``starflow.pkg`` itself. The implicit import of a parent package's ``__init__``
+is not an edge (every module would otherwise sit on a cycle through ``starflow/__init__.py``).
+"""
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import dataclass
+
+import pytest
+
+PACKAGE = "starflow"
+ROOT = os.path.join(os.path.dirname(__file__), "..", PACKAGE)
+
+# In-function imports of starflow modules must carry a reason: ``# lazy: <why>`` on the same line or
+# the line above (an optional dependency, start-up time, or a registry loaded by name).
+LAZY_MARK = "# lazy:"
+# Statements that still lack the reason. On this tree the count was 115; 44 were hoisted to module level
+# or removed (data/, evaluation/, tasks/, components/, pipeline). The rest sit mostly in cli/, app/ and
+# train/, which other work was changing at the time. Lower this number as they get a reason or move up;
+# never raise it.
+UNEXPLAINED_LAZY_BUDGET = 71
+
+
+@dataclass(frozen=True)
+class Import:
+    source: str  # importing module
+    target: str  # imported starflow module
+    line: int
+    in_function: bool
+
+
+def package_modules(root: str = ROOT) -> dict[str, str]:
+    """Dotted module name -> file path for every .py file of the package."""
+    modules = {}
+    base = os.path.dirname(os.path.abspath(root))
+    for folder, _, files in os.walk(os.path.abspath(root)):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            parts = os.path.relpath(path, base)[:-3].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
+    return modules
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    parts = module.split(".")
+    if not is_package:
+        parts = parts[:-1]
+    if level > 1:
+        parts = parts[: len(parts) - (level - 1)]
+    return ".".join(parts + ([name] if name else []))
+
+
+def _imports_of(module: str, path: str, modules: dict[str, str]) -> list[Import]:
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    is_package = path.endswith("__init__.py")
+    found = []
+
+    def add(target: str, node: ast.AST, in_function: bool):
+        if target in modules and target != module:
+            found.append(Import(module, target, node.lineno, in_function))
+
+    def visit(node: ast.AST, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    add(alias.name, child, in_function)
+            elif isinstance(child, ast.ImportFrom):
+                base = (_resolve_relative(module, is_package, child.level, child.module) if child.level
+                        else child.module or "")
+                for alias in child.names:
+                    sub = f"{base}.{alias.name}"
+                    add(sub if sub in modules else base, child, in_function)
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def import_graph(root: str = ROOT) -> list[Import]:
+    modules = package_modules(root)
+    return [imp for module, path in sorted(modules.items()) for imp in _imports_of(module, path, modules)]
+
+
+def find_cycles(edges: list[tuple[str, str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan), each sorted."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    index, low, on_stack, stack, components = {}, {}, set(), [], []
+
+    def strongconnect(v: str):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strongconnect(v)
+    return components
+
+
+def unexplained_lazy_imports(imports: list[Import], root: str = ROOT) -> list[Import]:
+    """One entry per import statement (not per imported name) without a ``# lazy:`` reason."""
+    modules = package_modules(root)
+    lines_of: dict[str, list[str]] = {}
+    missing, seen = [], set()
+    for imp in imports:
+        if not imp.in_function or (imp.source, imp.line) in seen:
+            continue
+        seen.add((imp.source, imp.line))
+        lines = lines_of.setdefault(imp.source, open(modules[imp.source], encoding="utf-8").read().splitlines())
+        here, above = lines[imp.line - 1], lines[imp.line - 2] if imp.line >= 2 else ""
+        if LAZY_MARK not in here and LAZY_MARK not in above.strip()[: len(LAZY_MARK)]:
+            missing.append(imp)
+    return missing
+
+
+# --- the checks on the package -----------------------------------------------------------------------
+
+
+def test_the_package_has_no_import_cycle():
+    cycles = find_cycles([(i.source, i.target) for i in import_graph()])
+    assert not cycles, "import cycles (module level and in-function imports together):\n" + "\n".join(
+        " <-> ".join(c) for c in cycles)
+
+
+def test_in_function_imports_without_a_reason_do_not_grow():
+    missing = unexplained_lazy_imports(import_graph())
+    listing = "\n".join(f"{i.source}:{i.line} imports {i.target}" for i in missing)
+    assert len(missing) <= UNEXPLAINED_LAZY_BUDGET, (
+        f"{len(missing)} in-function imports without a '{LAZY_MARK} <reason>' comment (budget "
+        f"{UNEXPLAINED_LAZY_BUDGET}); hoist the new ones to module level or give the reason:\n{listing}")
+
+
+# --- the checker itself bites --------------------------------------------------------------------------
+
+
+def _write(tmp_path, files: dict[str, str]):
+    for rel, text in files.items():
+        path = tmp_path / PACKAGE / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path / PACKAGE)
+
+
+def test_the_checker_finds_a_cycle_through_a_relative_in_function_import(tmp_path):
+    root = _write(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from starflow.sub import b\n",
+        "sub/__init__.py": "",
+        "sub/b.py": "def f():\n    from .. import a\n",
+    })
+    edges = [(i.source, i.target) for i in import_graph(root)]
+    assert ("starflow.a", "starflow.sub.b") in edges
+    assert ("starflow.sub.b", "starflow.a") in edges
+    assert find_cycles(edges) == [["starflow.a", "starflow.sub.b"]]
+
+
+def test_the_checker_passes_an_acyclic_tree_and_flags_lazy_imports(tmp_path):
+    root = _write(tmp_path, {
+        "__init__.py": "from .a import x\n",
+        "a.py": "x = 1\n",
+        "b.py": "def f():\n    import starflow.a\n\ndef g():\n    # lazy: keeps start-up fast\n"
+                "    from starflow.a import x\n",
+    })
+    imports = import_graph(root)
+    assert find_cycles([(i.source, i.target) for i in imports]) == []
+    lazy = [i for i in imports if i.in_function]
+    assert [(i.source, i.line) for i in lazy] == [("starflow.b", 2), ("starflow.b", 6)]
+    assert [(i.source, i.line) for i in unexplained_lazy_imports(imports, root)] == [("starflow.b", 2)]
+
+
+if __name__ == "__main__":  # a quick listing for whoever cleans up
+    graph = import_graph()
+    for c in find_cycles([(i.source, i.target) for i in graph]):
+        print("cycle:", " <-> ".join(c))
+    for i in unexplained_lazy_imports(graph):
+        print(f"lazy without reason: {i.source}:{i.line} -> {i.target}")

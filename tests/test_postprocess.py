@@ -1,0 +1,49 @@
+"""The one post-processing step (Tweedie or fine-tuned decoder, then decode) shared by sampling,
+inpainting and editing."""
+import pytest
+import torch
+
+from starflow.components.denoise import tweedie_denoise
+from starflow.components.postprocess import denoise_and_decode
+from starflow.pipeline import StarflowPipeline
+
+
+class Halve(torch.nn.Module):  # a stand-in autoencoder: decode halves
+    def decode(self, z):
+        return z / 2
+
+
+def test_tweedie_then_decode_and_clamp(tiny_model):
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    log_prob = lambda v: tiny_model.log_prob(v, y)  # noqa: E731
+    expected = (tweedie_denoise(log_prob, x, 0.2) / 2).clamp(-1, 1)
+    assert torch.equal(denoise_and_decode(x, "tweedie", 0.2, log_prob, Halve()), expected)
+    # decoder / none / no noise / no exact density: decode only
+    for args in (("decoder", 0.2, log_prob), ("none", 0.2, log_prob), ("tweedie", 0.0, log_prob), ("tweedie", 0.2, None)):
+        assert torch.equal(denoise_and_decode(x, *args, autoencoder=Halve()), (x / 2).clamp(-1, 1))
+
+
+def test_keep_restores_the_given_region_after_denoising(tiny_model):
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
+    known = torch.zeros_like(x)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., :4] = True
+    out = denoise_and_decode(x, "tweedie", 0.3, lambda v: tiny_model.log_prob(v), keep=(mask, known))
+    assert torch.equal(out[mask], known[mask])
+    assert not torch.equal(out[~mask], x[~mask].clamp(-1, 1))  # the rest was denoised
+
+
+def test_unknown_method_is_refused_by_the_step_and_the_pipeline(tiny_model):
+    with pytest.raises(ValueError, match="unknown denoise"):
+        denoise_and_decode(torch.zeros(1, 1, 8, 8), "blur", 0.1)
+    with pytest.raises(ValueError, match="unknown denoise"):
+        StarflowPipeline(tiny_model, denoise="blur")
+
+
+def test_the_pipeline_finishes_through_the_shared_step(tiny_model):
+    pipe = StarflowPipeline(tiny_model, noise_std=0.2)
+    y = torch.tensor([1, 2])
+    raw = tiny_model.sample(2, y=y, generator=torch.Generator().manual_seed(0))
+    expected = denoise_and_decode(raw, "tweedie", 0.2, lambda v: tiny_model.log_prob(v, y))
+    assert torch.equal(pipe.sample(2, y=y, generator=torch.Generator().manual_seed(0)), expected)
