@@ -81,11 +81,12 @@ class StarflowPipeline:
         return self
 
     # ---- conditions -----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]):
-        """Prompts -> the model's text argument: (states, mask) for STARFlow, + pooled for the peers."""
+    def encode_prompts(self, prompts: list[str], allow_empty: bool = False):
+        """Prompts -> the model's text argument: (states, mask) for STARFlow, + pooled for the peers.
+        ``allow_empty``: the empty prompt is allowed (a negative condition, as the released model uses)."""
         if self.text_encoder is None:
             raise ValueError("this model is not text-conditional; use class labels (or nothing)")
-        emb = self.text_encoder.encode(list(prompts))
+        emb = self.text_encoder.encode(list(prompts), allow_empty=True) if allow_empty else self.text_encoder.encode(list(prompts))
         dev = self.device
         if getattr(self.model, "model_type", "") == "starflow":
             return (emb.states.to(dev), emb.mask.to(dev))
@@ -93,14 +94,23 @@ class StarflowPipeline:
 
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, y=None, prompt: str | list[str] | None = None, generator=None, device=None, **kwargs) -> torch.Tensor:
-        """n images as a float tensor in [-1, 1], [n, C, H, W]. ``kwargs`` go to the model's sampler."""
+    def sample(self, n: int, y=None, prompt: str | list[str] | None = None, generator=None, device=None,
+               negative_prompt: str | None = None, **kwargs) -> torch.Tensor:
+        """n images as a float tensor in [-1, 1], [n, C, H, W]. ``kwargs`` go to the model's sampler.
+
+        Guidance's unconditional branch reads the model's learned null, or the encoded ``negative_prompt``
+        when given; a model without a learned null (the released STARFlow) uses the empty prompt by default."""
         text = None
         if prompt is not None:
             prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
             if len(prompts) != n:
                 raise ValueError(f"got {len(prompts)} prompts for {n} images")
             text = self.encode_prompts(prompts)
+            no_null = not getattr(self.model.config, "learned_null", True)
+            if kwargs.get("guidance", 0) > 0 and (negative_prompt is not None or no_null):
+                kwargs["negative_text"] = self.encode_prompts([negative_prompt or ""] * n, allow_empty=True)
+        elif negative_prompt is not None:
+            raise ValueError("negative_prompt needs a prompt")
         device = device or self.device
         x = self.model.sample(n, y=y, text=text, generator=generator, device=device, **kwargs)
         return self.finish(x, y=y, text=text)

@@ -12,6 +12,7 @@ COMMANDS = {
     "sample": "sample",
     "nll": "nll",
     "convert-tarflow": "convert",
+    "convert-starflow": "convert_starflow",
     "eval": "eval",
     "train-autoencoder": "train_autoencoder",
     "finetune-decoder": "finetune_decoder",

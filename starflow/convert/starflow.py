@@ -141,11 +141,13 @@ def detect_prefix(state: dict[str, torch.Tensor]) -> str:
     return next((p for p in ("model.", "module.", "_orig_mod.") if any(k.startswith(p + "blocks.") for k in state)), "")
 
 
-def infer_dims(state: dict[str, torch.Tensor], prefix: str = "") -> dict:
+def infer_dims(state: dict[str, torch.Tensor], prefix: str = "", txt_size: int | None = None) -> dict:
     """What the weights say: token grid side, text width, block count (for checking a config)."""
     dims = {}
     if (v := state.get(prefix + "var")) is not None:
         dims["grid_side"] = math.isqrt(v.shape[0])
+    elif (m := state.get(prefix + "blocks.0.attn_mask")) is not None and txt_size is not None:
+        dims["grid_side"] = math.isqrt(m.shape[0] - txt_size)  # their mask covers text + image slots
     blocks = {int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
     if blocks:
         dims["num_blocks"] = max(blocks) + 1
@@ -162,7 +164,7 @@ def resolve_config(config: dict | FlowConfig, state: dict[str, torch.Tensor], pr
     if isinstance(config, FlowConfig):
         return config
     cfg = normalise_official_config(config)
-    dims = infer_dims(state, prefix)
+    dims = infer_dims(state, prefix, int(cfg.get("txt_size") or 0))
     if "txt_dim" in dims:
         if cfg.get("txt_dim") not in (None, 0, dims["txt_dim"]):
             raise ValueError(f"config txt_dim {cfg['txt_dim']} disagrees with the checkpoint's proj_txt "
@@ -172,6 +174,11 @@ def resolve_config(config: dict | FlowConfig, state: dict[str, torch.Tensor], pr
         side = int(cfg["img_size"]) // int(cfg["patch_size"])
         if side != dims["grid_side"] and side == dims["grid_side"] * vae_downsample:
             cfg["img_size"] = int(cfg["img_size"]) // vae_downsample
+        elif side != dims["grid_side"]:
+            raise ValueError(f"config img_size {cfg['img_size']} / patch_size {cfg['patch_size']} gives a {side}-token "
+                             f"side; the checkpoint's buffers say {dims['grid_side']}")
+    elif cfg.get("vae") and "img_size" in cfg:  # a training YAML gives pixels; the flow sees latents
+        cfg["img_size"] = int(cfg["img_size"]) // vae_downsample
     return config_from_starflow(**cfg)
 
 
@@ -204,3 +211,23 @@ def from_starflow(state_dict: dict[str, torch.Tensor], config: dict | FlowConfig
         converted = {k: v.to(dtype) if v.is_floating_point() and k != "prior_var" else v for k, v in converted.items()}
     model.load_state_dict({k: v.to(device) for k, v in converted.items()}, assign=True)
     return model.eval()
+
+
+def parameter_count(config: FlowConfig) -> int:
+    """Exact parameter count of the model a config builds, without allocating it (meta device)."""
+    with torch.device("meta"):
+        return STARFlow(config).num_params()
+
+
+def inference_memory(config: FlowConfig, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
+                     guided: bool = True) -> dict[str, int]:
+    """Bytes needed to sample: the weights, plus the deep block's key/value cache (the largest; shallow
+    blocks' caches are freed before the next block) for ``batch`` images, doubled under guidance."""
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = parameter_count(config) * size
+    width = config.deep_width or config.width
+    heads = config.num_kv_heads or width // config.head_dim
+    slots = config.num_tokens + (config.max_text_tokens if config.cond_dim else 1 if config.num_classes else 0) + 1
+    rows = batch * (2 if guided and config.conditional else 1)
+    kv = 2 * (config.deep_layers or config.layers_per_block) * rows * heads * slots * config.head_dim * size
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
