@@ -36,6 +36,15 @@ def _model_class(model_type: str):
     return model_class(model_type)
 
 
+def _load_model(directory: str, device, dtype: torch.dtype | None):
+    model_type = read_config(directory).get("model_type", "starflow")
+    if dtype is None:
+        return _model_class(model_type).from_pretrained(directory, map_location=device)
+    if model_type != "starflow":
+        raise ValueError(f"a weight dtype can be chosen for STARFlow models, not {model_type!r}")
+    return _model_class(model_type).from_pretrained(directory, map_location=device, dtype=dtype)
+
+
 class StarflowPipeline:
     def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None):
         denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
@@ -169,16 +178,16 @@ class StarflowPipeline:
         atomic_write_bytes(os.path.join(directory, INDEX), json.dumps(index, indent=2).encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None) -> "StarflowPipeline":
+    def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None,
+                        dtype: torch.dtype | None = None) -> "StarflowPipeline":
+        """``dtype`` (STARFlow models): the flow's weight dtype, e.g. ``torch.bfloat16`` to run a large
+        imported model in half the memory; default float32."""
         index_path = os.path.join(directory, INDEX)
         if not os.path.exists(index_path):  # a bare model directory
-            cfg = read_config(directory)
-            model = _model_class(cfg.get("model_type", "starflow")).from_pretrained(directory, map_location=device)
-            return cls(model)
+            return cls(_load_model(directory, device, dtype))
         with open(index_path) as f:
             index = json.load(f)
-        model_dir = os.path.join(directory, index["model"])
-        model = _model_class(read_config(model_dir).get("model_type", "starflow")).from_pretrained(model_dir, map_location=device)
+        model = _load_model(os.path.join(directory, index["model"]), device, dtype)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
             from starflow.components.autoencoder import Autoencoder

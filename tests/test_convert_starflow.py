@@ -53,6 +53,12 @@ def test_convert_end_to_end(tmp_path, fixture, capsys):
     assert main(["convert-starflow", pth, "--config", cfg, "--out", out16]) == 0
     x16 = StarflowPipeline.from_pretrained(out16).model.inverse(d["z_sample"], text=d["y"])
     assert (x16 - d["x_reverse"]).abs().max().item() < 0.1
+    # ... and runs in bf16 (half the memory), close to the official float32 answer.
+    model16 = StarflowPipeline.from_pretrained(out16, dtype=torch.bfloat16).model
+    assert model16.blocks[-1].proj_in.weight.dtype == torch.bfloat16
+    x16 = model16.inverse(d["z_sample"], text=d["y"], negative_text=d["y_null"], guidance=float(meta["guidance"]),
+                          sampler="chunked-jacobi")
+    assert x16.dtype == torch.float32 and (x16 - d["x_reverse_guided"]).abs().max().item() < 0.1
 
 
 def test_convert_with_vae_assembles_a_pipeline(tmp_path, fixture):

@@ -131,7 +131,7 @@ class FlowBlock(nn.Module):
     def _embed(self, x_perm: torch.Tensor, slot: int, ctx: Context) -> torch.Tensor:
         """Embeddings of inputs (permuted tokens or the start token) for image slots slot..slot+T-1."""
         T = x_perm.shape[1]
-        h = self.proj_in(x_perm)
+        h = self.proj_in(x_perm.to(self.proj_in.weight.dtype))  # flow values are >= fp32; weights may be bf16
         if self.pos_embed is not None:
             h = h + self.pos_embed[ctx.pos_perm[slot:slot + T]]
         if ctx.add is not None:
@@ -140,7 +140,7 @@ class FlowBlock(nn.Module):
 
     def _start(self, batch: int, ctx: Context) -> torch.Tensor:
         """The start token's embedding [B, 1, W] (image slot 0)."""
-        return self._embed(self.sos_embed.expand(batch, 1, -1).to(self.proj_in.weight.dtype), 0, ctx)
+        return self._embed(self.sos_embed.expand(batch, 1, -1), 0, ctx)
 
     def _run(self, h, start_pos: int, ctx: Context, caches: list[KVCache] | None):
         mask = attention_mask(start_pos, h.shape[1], ctx.key_valid(ctx.num_tokens + self.start_token), h.device)

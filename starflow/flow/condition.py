@@ -102,7 +102,7 @@ class ConditionEmbedding(nn.Module):
                                  "condition explicitly, e.g. the encoded empty prompt")
             if self.num_classes:
                 return self.class_embed[cond.labels][:, None], None
-            return self.text_proj(cond.text), cond.text_mask
+            return self.text_proj(cond.text.to(self.text_proj.weight.dtype)), cond.text_mask
         if self.num_classes:
             labels = cond.labels if cond is not None and cond.labels is not None else None
             if labels is None:

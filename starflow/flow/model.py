@@ -6,6 +6,7 @@ deep-shallow (STARFlow) stack it is the deep block and the only one that reads t
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from starflow.config import FlowConfig
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
-from starflow.io.hub import PretrainedMixin
+from starflow.io.hub import WEIGHTS_NAME, PretrainedMixin, load_safetensors, read_config
 from starflow.flow.sampling import SamplerOptions, invert_block
 
 LOG_2PI = math.log(2 * math.pi)
@@ -61,6 +62,32 @@ class STARFlow(nn.Module, PretrainedMixin):
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
         self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        """Load a saved model. It is built on the meta device and the stored tensors are assigned, so a
+        multi-billion-parameter model costs no random initialisation and no second copy. Floating weights
+        become ``dtype`` (default: float32, whatever the stored dtype); the prior variance stays float32."""
+        config = cls.config_from_dict(read_config(directory))
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_safetensors(os.path.join(directory, WEIGHTS_NAME))
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        wrong = [k for k, v in state.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"checkpoint {directory} does not match its config: shapes differ for {wrong[:5]}")
+
+        def cast(k, v):
+            if not v.is_floating_point():
+                return v
+            return v.to(own[k].dtype if dtype is None or k == "prior_var" else dtype)
+
+        model.load_state_dict({k: cast(k, v) for k, v in state.items()}, assign=True)
+        return model.to(map_location)
 
     # ---- shapes ----------------------------------------------------------------------------
     @property
