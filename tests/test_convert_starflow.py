@@ -129,3 +129,20 @@ def test_wrong_file_kind_and_existing_output(tmp_path, fixture, capsys):
     assert main(["convert-starflow", pth, "--config", cfg, "--out", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_large_models_are_sharded(tmp_path):
+    from conftest import perturbed, tiny_config
+    from starflow import STARFlow
+    from starflow.flow.weights import INDEX_NAME
+
+    model = perturbed(STARFlow(tiny_config(**{"positions": "rope", "start_token": True, "num_classes": 3})))
+    path = str(tmp_path / "m")
+    model.save_pretrained(path, max_shard_bytes=20_000)
+    shards = sorted(f for f in os.listdir(path) if f.startswith("model-"))
+    assert len(shards) > 2 and INDEX_NAME in os.listdir(path) and "model.safetensors" not in os.listdir(path)
+    loaded = STARFlow.from_pretrained(path)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    model.save_pretrained(path)  # small again: one file, the shards removed
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]

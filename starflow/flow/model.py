@@ -5,6 +5,8 @@ deep-shallow (STARFlow) stack it is the deep block and the only one that reads t
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 
@@ -16,7 +18,8 @@ from starflow.config import FlowConfig
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
-from starflow.io.hub import WEIGHTS_NAME, PretrainedMixin, load_safetensors, read_config
+from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
+from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
 from starflow.flow.sampling import SamplerOptions, invert_block
 
 LOG_2PI = math.log(2 * math.pi)
@@ -63,6 +66,18 @@ class STARFlow(nn.Module, PretrainedMixin):
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
         self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
 
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        """config.json + model.safetensors, or safetensors shards + an index when larger than
+        ``max_shard_bytes`` (a 3B model in bf16 is two shards)."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = {"model_type": self.model_type, **dataclasses.asdict(self.config)}
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2).encode())
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_weights(state, directory, max_shard_bytes)
+
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """Load a saved model. It is built on the meta device and the stored tensors are assigned, so a
@@ -71,7 +86,7 @@ class STARFlow(nn.Module, PretrainedMixin):
         config = cls.config_from_dict(read_config(directory))
         with torch.device("meta"):
             model = cls(config)
-        state = load_safetensors(os.path.join(directory, WEIGHTS_NAME))
+        state = load_weights(directory)
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
