@@ -125,7 +125,7 @@ class FlowBlock(nn.Module):
         grid = (int(rows.max()) + 1, int(cols.max()) + 1)
         if grid[0] * grid[1] != pos.shape[0]:
             raise ValueError(f"rotary positions need a full grid of tokens, got {pos.shape[0]} ids")
-        return Rotary(rope_angles(self.head_dim, grid, side, prefix_len, self.rope_prefix_axis, device=pos.device))
+        return Rotary(rope_angles(self.head_dim, grid, side, prefix_len, self.rope_prefix_axis), pos.device)
 
     # ---- shared pieces ---------------------------------------------------------------------
     def _embed(self, x_perm: torch.Tensor, slot: int, ctx: Context) -> torch.Tensor:

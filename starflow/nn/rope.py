@@ -34,7 +34,7 @@ def check_rope_head_dim(head_dim: int, prefix_axis: bool) -> str | None:
 
 
 def rope_angles(head_dim: int, grid: tuple[int, int], side: int, prefix_len: int = 0,
-                prefix_axis: bool = False, theta: float = 10000.0, device=None) -> torch.Tensor:
+                prefix_axis: bool = False, theta: float = 10000.0) -> torch.Tensor:
     """Angles [prefix_len + h*w, head_dim] (float64, each pair's angle repeated twice) for the slots
     of a sequence made of ``prefix_len`` prefix tokens then an h x w grid in row-major order."""
     half = head_dim // 2
@@ -57,14 +57,17 @@ def rope_angles(head_dim: int, grid: tuple[int, int], side: int, prefix_len: int
             raise ValueError("a prefix needs the prefix axis (3-D rotary layout)")
         f = _frequencies(half // 2, half, theta, 2)
         angles = torch.cat([rows[:, None] * f, cols[:, None] * f], dim=-1)
-    return angles.repeat_interleave(2, dim=-1).to(device)
+    return angles.repeat_interleave(2, dim=-1)
 
 
 class Rotary:
-    """cos / sin tables of a sequence's slots; ``slice`` gives the part one attention call needs."""
+    """cos / sin tables of a sequence's slots (computed in float64 on the CPU, then moved; float32 on
+    devices without float64, e.g. MPS); ``apply`` rotates the slots one attention call holds."""
 
-    def __init__(self, angles: torch.Tensor):
-        self.cos, self.sin = angles.cos(), angles.sin()
+    def __init__(self, angles: torch.Tensor, device=None):
+        device = torch.device(device or "cpu")
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        self.cos, self.sin = (t.to(wide).to(device) for t in (angles.cos(), angles.sin()))
         self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
