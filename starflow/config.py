@@ -45,6 +45,19 @@ class FlowConfig:
     qk_norm: bool = False
     affine: bool = True           # False: shift-only (volume-preserving) steps
     buckets: list | None = None   # extra allowed [H, W] sizes (aspect-ratio buckets), each <= image_size
+    # ---- architecture switches of the released STARFlow model (defaults: the original TARFlow block) ----
+    positions: str = "learned"    # "learned" table, or "rope": rotary, 2-D on image tokens, 3-D with a prefix
+    start_token: bool = False     # a learned start token, so token 0 is predicted too
+    scale: str = "exp"            # sigma = exp(a), or "softplus": sigma = softplus(a + 0.5413) (sigma = 1 at a = 0)
+    soft_clip: float = 0.0        # > 0: raw outputs become c * tanh(out / c)
+    final_norm: bool = False      # an RMSNorm (gain stored as offset from 1) before the output projection
+    seq_order: str = "R2L"        # "R2L": block 0 keeps the token order, odd blocks reverse; "L2R": the opposite
+    num_kv_heads: int | None = None  # fewer key/value heads than query heads: grouped-query attention
+    mlp: str = "gelu"             # "gelu" | "swiglu" (the official gated MLP)
+    deep_width: int | None = None  # width of the deep block (last block) when it differs from ``width``
+    learned_null: bool = True     # False: no learned null condition; guidance takes an explicit negative
+    text_padding: str = "mask"    # "mask": padded text tokens are hidden; "attend": states are zero-padded
+                                  # to max_text_tokens and all attended (the released model's prefix)
 
     def __post_init__(self):
         _check(self.in_channels > 0, "in_channels", f"must be positive, got {self.in_channels}")
@@ -65,6 +78,25 @@ class FlowConfig:
         _check(0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         _check(self.norm in ("layernorm", "rmsnorm"), "norm", f"expected 'layernorm' or 'rmsnorm', got {self.norm!r}")
         _check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
+        _check(self.positions in ("learned", "rope"), "positions", f"expected 'learned' or 'rope', got {self.positions!r}")
+        _check(self.scale in ("exp", "softplus"), "scale", f"expected 'exp' or 'softplus', got {self.scale!r}")
+        _check(self.soft_clip >= 0, "soft_clip", f"must be >= 0, got {self.soft_clip}")
+        _check(self.seq_order in ("R2L", "L2R"), "seq_order", f"expected 'R2L' or 'L2R', got {self.seq_order!r}")
+        _check(self.mlp in ("gelu", "swiglu"), "mlp", f"expected 'gelu' or 'swiglu', got {self.mlp!r}")
+        _check(self.text_padding in ("mask", "attend"), "text_padding", f"expected 'mask' or 'attend', got {self.text_padding!r}")
+        _check(self.deep_width is None or (self.deep_width > 0 and self.deep_width % self.head_dim == 0), "deep_width",
+               f"must be None or a positive multiple of head_dim {self.head_dim}, got {self.deep_width}")
+        for w in {self.width, self.deep_width or self.width}:
+            heads = w // self.head_dim
+            _check(self.num_kv_heads is None or (0 < self.num_kv_heads <= heads and heads % self.num_kv_heads == 0),
+                   "num_kv_heads", f"must divide the {heads} attention heads of width {w}, got {self.num_kv_heads}")
+        _check(self.learned_null or self.cond_drop_prob == 0, "learned_null",
+               "condition dropout needs a learned null (set cond_drop_prob: 0 or learned_null: true)")
+        if self.positions == "rope":
+            from starflow.nn.rope import check_rope_head_dim
+
+            why = check_rope_head_dim(self.head_dim, self.conditional and self.cond_mode == "prefix")
+            _check(why is None, "head_dim", str(why))
         for hw in self.buckets or []:
             _check(len(hw) == 2 and all(0 < v <= self.image_size and v % self.patch_size == 0 for v in hw), "buckets",
                    f"{list(hw)} must be [H, W] with 0 < H, W <= image_size {self.image_size}, divisible by patch_size {self.patch_size}")

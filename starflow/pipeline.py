@@ -37,6 +37,15 @@ def _model_class(model_type: str):
     return model_class(model_type)
 
 
+def _load_model(directory: str, device, dtype: torch.dtype | None):
+    model_type = read_config(directory).get("model_type", "starflow")
+    if dtype is None:
+        return _model_class(model_type).from_pretrained(directory, map_location=device)
+    if model_type != "starflow":
+        raise ValueError(f"a weight dtype can be chosen for STARFlow models, not {model_type!r}")
+    return _model_class(model_type).from_pretrained(directory, map_location=device, dtype=dtype)
+
+
 class StarflowPipeline:
     def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None):
         denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
@@ -82,11 +91,12 @@ class StarflowPipeline:
         return self
 
     # ---- conditions -----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]):
-        """Prompts -> the model's text argument: (states, mask) for STARFlow, + pooled for the peers."""
+    def encode_prompts(self, prompts: list[str], allow_empty: bool = False):
+        """Prompts -> the model's text argument: (states, mask) for STARFlow, + pooled for the peers.
+        ``allow_empty``: the empty prompt is allowed (a negative condition, as the released model uses)."""
         if self.text_encoder is None:
             raise ValueError("this model is not text-conditional; use class labels (or nothing)")
-        emb = self.text_encoder.encode(list(prompts))
+        emb = self.text_encoder.encode(list(prompts), allow_empty=True) if allow_empty else self.text_encoder.encode(list(prompts))
         dev = self.device
         if getattr(self.model, "model_type", "") == "starflow":
             return (emb.states.to(dev), emb.mask.to(dev))
@@ -94,14 +104,23 @@ class StarflowPipeline:
 
     # ---- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, y=None, prompt: str | list[str] | None = None, generator=None, device=None, **kwargs) -> torch.Tensor:
-        """n images as a float tensor in [-1, 1], [n, C, H, W]. ``kwargs`` go to the model's sampler."""
+    def sample(self, n: int, y=None, prompt: str | list[str] | None = None, generator=None, device=None,
+               negative_prompt: str | None = None, **kwargs) -> torch.Tensor:
+        """n images as a float tensor in [-1, 1], [n, C, H, W]. ``kwargs`` go to the model's sampler.
+
+        Guidance's unconditional branch reads the model's learned null, or the encoded ``negative_prompt``
+        when given; a model without a learned null (the released STARFlow) uses the empty prompt by default."""
         text = None
         if prompt is not None:
             prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
             if len(prompts) != n:
                 raise ValueError(f"got {len(prompts)} prompts for {n} images")
             text = self.encode_prompts(prompts)
+            no_null = not getattr(self.model.config, "learned_null", True)
+            if kwargs.get("guidance", 0) > 0 and (negative_prompt is not None or no_null):
+                kwargs["negative_text"] = self.encode_prompts([negative_prompt or ""] * n, allow_empty=True)
+        elif negative_prompt is not None:
+            raise ValueError("negative_prompt needs a prompt")
         device = device or self.device
         x = self.model.sample(n, y=y, text=text, generator=generator, device=device, **kwargs)
         return self.finish(x, y=y, text=text)
@@ -155,16 +174,16 @@ class StarflowPipeline:
         atomic_write_bytes(os.path.join(directory, INDEX), json.dumps(index, indent=2).encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None) -> "StarflowPipeline":
+    def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None,
+                        dtype: torch.dtype | None = None) -> "StarflowPipeline":
+        """``dtype`` (STARFlow models): the flow's weight dtype, e.g. ``torch.bfloat16`` to run a large
+        imported model in half the memory; default float32."""
         index_path = os.path.join(directory, INDEX)
         if not os.path.exists(index_path):  # a bare model directory
-            cfg = read_config(directory)
-            model = _model_class(cfg.get("model_type", "starflow")).from_pretrained(directory, map_location=device)
-            return cls(model)
+            return cls(_load_model(directory, device, dtype))
         with open(index_path) as f:
             index = json.load(f)
-        model_dir = os.path.join(directory, index["model"])
-        model = _model_class(read_config(model_dir).get("model_type", "starflow")).from_pretrained(model_dir, map_location=device)
+        model = _load_model(os.path.join(directory, index["model"]), device, dtype)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
             from starflow.components.autoencoder import Autoencoder

@@ -13,6 +13,7 @@ COMMANDS = {
     "nll": "nll",
     "convert-tarflow": "convert",
     "convert-sd3": "convert_sd3",
+    "convert-starflow": "convert_starflow",
     "eval": "eval",
     "train-autoencoder": "train_autoencoder",
     "finetune-decoder": "finetune_decoder",

@@ -239,7 +239,7 @@ class TextEncoder(nn.Module):
 
     # ---- encoding --------------------------------------------------------------------------------
     @staticmethod
-    def _check(prompts) -> list[str]:
+    def _check(prompts, allow_empty: bool = False) -> list[str]:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -248,7 +248,7 @@ class TextEncoder(nn.Module):
         for p in prompts:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be strings, got {type(p).__name__}")
-            if not p.strip():
+            if not p.strip() and not allow_empty:
                 raise ValueError("empty prompt")
         return prompts
 
@@ -287,9 +287,11 @@ class TextEncoder(nn.Module):
         pooled = torch.stack([p for _, p in rows])
         return TextEmbedding(states, mask, pooled).to(self.device)
 
-    def encode(self, prompts: list[str], pad_to_max_length: bool = False, batch_size: int = 256) -> TextEmbedding:
-        """Prompts -> TextEmbedding; cached captions are not re-encoded. Raises ValueError("empty prompt")."""
-        prompts = self._check(prompts)
+    def encode(self, prompts: list[str], pad_to_max_length: bool = False, batch_size: int = 256,
+               allow_empty: bool = False) -> TextEmbedding:
+        """Prompts -> TextEmbedding; cached captions are not re-encoded. Raises ValueError("empty prompt")
+        unless ``allow_empty`` (a guidance negative: the released STARFlow encodes "")."""
+        prompts = self._check(prompts, allow_empty)
         rows: dict[str, tuple] = {}
         todo = []
         for p in prompts:

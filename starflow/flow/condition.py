@@ -1,7 +1,9 @@
 """What a conditional flow block reads: class labels or text-encoder states, and how they are embedded.
 
 A row whose ``drop`` flag is set reads the learned null condition instead; that is both the
-condition dropout of training and the unconditional branch of guidance.
+condition dropout of training and the unconditional branch of guidance. A model built without a
+learned null (``learned_null=False``, the released STARFlow model) has no such row: its unconditional
+branch is a condition like any other (e.g. the encoded empty prompt), given explicitly.
 """
 from __future__ import annotations
 
@@ -32,11 +34,24 @@ class Condition:
         return Condition(self.labels, self.text, self.text_mask, torch.ones(B, dtype=torch.bool, device=device))
 
     def cat(self, other: "Condition") -> "Condition":
+        """Rows of self then rows of other. Text of different lengths is padded with hidden tokens."""
         def join(a, b):
             return None if a is None else torch.cat([a, b])
 
-        return Condition(join(self.labels, other.labels), join(self.text, other.text),
-                         join(self.text_mask, other.text_mask), torch.cat([self.drop_mask(), other.drop_mask()]))
+        text, mask = join(self.text, other.text), None
+        if self.text is not None:
+            a, b = self.text, other.text
+            L = max(a.shape[1], b.shape[1])
+            text = torch.cat([_pad_tokens(a, L), _pad_tokens(b, L)])
+            if self.text_mask is not None or other.text_mask is not None or a.shape[1] != b.shape[1]:
+                mask = torch.cat([_pad_tokens(_mask_or_ones(self), L), _pad_tokens(_mask_or_ones(other), L)])
+        return Condition(join(self.labels, other.labels), text, mask, torch.cat([self.drop_mask(), other.drop_mask()]))
+
+    def rows(self, idx) -> "Condition":
+        def pick(t):
+            return None if t is None else t[idx]
+
+        return Condition(pick(self.labels), pick(self.text), pick(self.text_mask), pick(self.drop))
 
     def drop_mask(self) -> torch.Tensor:
         if self.drop is not None:
@@ -49,22 +64,45 @@ class Condition:
         return Condition(mv(self.labels), mv(self.text), mv(self.text_mask), mv(self.drop))
 
 
+def _mask_or_ones(cond: Condition) -> torch.Tensor:
+    if cond.text_mask is not None:
+        return cond.text_mask.bool()
+    return torch.ones(cond.text.shape[:2], dtype=torch.bool, device=cond.text.device)
+
+
+def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim 1 with zeros (False for masks) up to ``length``."""
+    if t.shape[1] == length:
+        return t
+    pad = t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
+
+
 class ConditionEmbedding(nn.Module):
     """Class labels -> one token; text states -> a projected token sequence. Null has its own weights."""
 
-    def __init__(self, width: int, num_classes: int = 0, cond_dim: int = 0):
+    def __init__(self, width: int, num_classes: int = 0, cond_dim: int = 0, learned_null: bool = True):
         super().__init__()
         self.num_classes = num_classes
+        self.learned_null = learned_null
         if num_classes:
             # Row ``num_classes`` is the learned null class.
-            self.class_embed = nn.Parameter(torch.randn(num_classes + 1, width) * 0.02)
+            self.class_embed = nn.Parameter(torch.randn(num_classes + learned_null, width) * 0.02)
         if cond_dim:
             self.text_proj = nn.Linear(cond_dim, width)
-            self.null_text = nn.Parameter(torch.randn(width) * 0.02)
+            if learned_null:
+                self.null_text = nn.Parameter(torch.randn(width) * 0.02)
 
     def forward(self, cond: Condition | None, batch: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (tokens [B, P, W], key_valid [B, P] bool or None)."""
         drop = cond.drop_mask() if cond is not None and cond.batch_size else torch.ones(batch, dtype=torch.bool, device=device)
+        if not self.learned_null:
+            if bool(drop.any()):
+                raise ValueError("this model has no learned null condition: give the negative (unconditional) "
+                                 "condition explicitly, e.g. the encoded empty prompt")
+            if self.num_classes:
+                return self.class_embed[cond.labels][:, None], None
+            return self.text_proj(cond.text.to(self.text_proj.weight.dtype)), cond.text_mask
         if self.num_classes:
             labels = cond.labels if cond is not None and cond.labels is not None else None
             if labels is None:

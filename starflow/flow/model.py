@@ -5,7 +5,10 @@ deep-shallow (STARFlow) stack it is the deep block and the only one that reads t
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -16,7 +19,8 @@ from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
-from starflow.io.hub import PretrainedMixin
+from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
+from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
 from starflow.flow.sampling import SamplerOptions, invert_block
 
 LOG_2PI = math.log(2 * math.pi)
@@ -24,6 +28,17 @@ LOG_2PI = math.log(2 * math.pi)
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
+
+
+def _zero_padded(states: torch.Tensor, mask: torch.Tensor | None, length: int) -> torch.Tensor:
+    """Text states with padded rows zeroed, cut or zero-padded to ``length`` tokens (no mask: every token
+    is attended, as the released STARFlow model was trained)."""
+    if mask is not None:
+        states = states * mask.to(states.device, states.dtype)[..., None]
+    B, L, D = states.shape
+    if L >= length:
+        return states[:, :length]
+    return torch.cat([states, states.new_zeros(B, length - L, D)], dim=1)
 
 
 class STARFlow(nn.Module, PretrainedMixin):
@@ -36,17 +51,59 @@ class STARFlow(nn.Module, PretrainedMixin):
         c = config
         layers = c.block_layers()
         blocks = []
+        switches = dict(rope=c.positions == "rope", rope_prefix_axis=c.conditional and c.cond_mode == "prefix",
+                        start_token=c.start_token, scale=c.scale, soft_clip=c.soft_clip, final_norm=c.final_norm,
+                        num_kv_heads=c.num_kv_heads, swiglu=c.mlp == "swiglu", learned_null=c.learned_null)
         for i in range(c.num_blocks):
             conditional = c.conditional and (c.cond_blocks == "all" or i == c.num_blocks - 1)
+            deep = i == c.num_blocks - 1
             blocks.append(FlowBlock(
-                c.token_dim, c.num_tokens, c.width, layers[i], c.head_dim, c.mlp_ratio,
-                reverse_order=bool(i % 2), norm=c.norm, qk_norm=c.qk_norm, affine=c.affine,
-                num_classes=c.num_classes if conditional else 0, cond_dim=c.cond_dim if conditional else 0,
-                cond_mode=c.cond_mode))
+                c.token_dim, c.num_tokens, (c.deep_width or c.width) if deep else c.width, layers[i], c.head_dim,
+                c.mlp_ratio, reverse_order=bool(i % 2) == (c.seq_order == "R2L"), norm=c.norm, qk_norm=c.qk_norm,
+                affine=c.affine, num_classes=c.num_classes if conditional else 0,
+                cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode, **switches))
         self.blocks = nn.ModuleList(blocks)
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
         self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        """config.json + model.safetensors, or safetensors shards + an index when larger than
+        ``max_shard_bytes`` (a 3B model in bf16 is two shards)."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = {"model_type": self.model_type, **dataclasses.asdict(self.config)}
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2).encode())
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_weights(state, directory, max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        """Load a saved model. It is built on the meta device and the stored tensors are assigned, so a
+        multi-billion-parameter model costs no random initialisation and no second copy. Floating weights
+        become ``dtype`` (default: float32, whatever the stored dtype); the prior variance stays float32."""
+        config = cls.config_from_dict(read_config(directory))
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_weights(directory)
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        wrong = [k for k, v in state.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"checkpoint {directory} does not match its config: shapes differ for {wrong[:5]}")
+
+        def cast(k, v):
+            if not v.is_floating_point():
+                return v
+            return v.to(own[k].dtype if dtype is None or k == "prior_var" else dtype)
+
+        model.load_state_dict({k: cast(k, v) for k, v in state.items()}, assign=True)
+        return model.to(map_location)
 
     # ---- shapes ----------------------------------------------------------------------------
     @property
@@ -113,6 +170,8 @@ class STARFlow(nn.Module, PretrainedMixin):
             states, mask = (text[0], text[1]) if isinstance(text, tuple) else (text, None)
             if states.ndim != 3 or states.shape[-1] != c.cond_dim or states.shape[0] != batch:
                 raise ValueError(f"text states must be [{batch}, L, {c.cond_dim}], got {list(states.shape)}")
+            if c.text_padding == "attend":
+                return Condition(text=_zero_padded(states.to(device), mask, c.max_text_tokens))
             return Condition(text=states.to(device), text_mask=None if mask is None else mask.to(device).bool())
         return Condition(drop=torch.ones(batch, dtype=torch.bool, device=device))
 
@@ -159,24 +218,36 @@ class STARFlow(nn.Module, PretrainedMixin):
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
-                sampler: str = "sequential", **sampler_kwargs) -> torch.Tensor:
-        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional block is guided."""
+                sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
+                **sampler_kwargs) -> torch.Tensor:
+        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional blocks are guided
+        (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
+        or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt)."""
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
         check_guidance(guidance, guidance_rule)
+        if guidance_blocks not in ("conditional", "deep"):
+            raise ValueError(f"guidance_blocks must be 'conditional' or 'deep', got {guidance_blocks!r}")
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
         cond = self.make_condition(B, y, text, z.device)
         guided = guidance > 0 and cond is not None
         if guided:
-            cond = cond.cat(cond.null())
+            negative = None
+            if negative_y is not None or negative_text is not None:
+                negative = self.make_condition(B, negative_y, negative_text, z.device)
+            cond = cond.cat(negative if negative is not None else cond.null())
+        elif negative_y is not None or negative_text is not None:
+            raise ValueError("a negative condition only acts with guidance > 0")
         h = self.patchify(_at_least_fp32(z))
         self.last_jacobi_iterations = []  # sweeps per block window, for benchmarks and tests
-        for block in reversed(self.blocks):
+        for i, block in enumerate(reversed(self.blocks)):
             use = cond if block.conditional else None
-            rows = 2 * B if (guided and block.conditional) else B
-            ctx = block.context(use, rows, z.device, pos)
-            h = invert_block(block, h, ctx, guided and block.conditional, opts, self.last_jacobi_iterations)
+            if use is not None and guided and guidance_blocks == "deep" and i > 0:
+                use = cond.rows(slice(0, B))  # an unguided conditional shallow block reads the positive half
+            block_guided = guided and block.conditional and (guidance_blocks == "conditional" or i == 0)
+            ctx = block.context(use, 2 * B if block_guided else B, z.device, pos)
+            h = invert_block(block, h, ctx, block_guided, opts, self.last_jacobi_iterations)
         return self.unpatchify(h, grid)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.guidance import guide
 
-SAMPLERS = ("sequential", "jacobi", "naive")
+SAMPLERS = ("sequential", "jacobi", "naive", "chunked-jacobi")  # chunked-jacobi: starflow/flow/chunked_jacobi.py
 
 
 @dataclass
@@ -68,6 +68,10 @@ def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, 
     step = _Step(block, guided, opts, ctx.num_tokens)
     if opts.sampler == "naive":
         x_perm = _naive(block, z_perm, ctx, step)
+    elif opts.sampler == "chunked-jacobi":
+        from starflow.flow.chunked_jacobi import chunked_jacobi
+
+        x_perm = chunked_jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     elif opts.sampler == "jacobi":
         x_perm = _jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     else:

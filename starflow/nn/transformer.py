@@ -14,6 +14,21 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
 
 
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose gain is stored as an offset from 1 (zero-initialised) and applied in fp32: the
+    released STARFlow model's final norm, kept in its parametrisation so bf16 weights lose nothing."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        h = x.float() if x.dtype != torch.float64 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1 + self.weight.to(h.dtype))).type_as(x)
+
+
 class KVCache:
     """Fixed-size key/value buffers for one attention layer, allocated on first write."""
 
@@ -54,45 +69,69 @@ def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, dev
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, head_dim: int, norm: str, qk_norm: bool):
+    def __init__(self, width: int, head_dim: int, norm: str, qk_norm: bool, num_kv_heads: int | None = None):
         super().__init__()
         self.num_heads = width // head_dim
+        self.num_kv_heads = num_kv_heads or self.num_heads  # fewer: grouped-query attention
         self.head_dim = head_dim
         self.norm = make_norm(norm, width)
-        self.qkv = nn.Linear(width, 3 * width)
+        self.qkv = nn.Linear(width, (self.num_heads + 2 * self.num_kv_heads) * head_dim)
         self.proj = nn.Linear(width, width)
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0):
+    def _split_heads(self, x):
+        B, T, _ = x.shape
+        if self.num_kv_heads == self.num_heads:
+            qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return qkv[0], qkv[1], qkv[2]
+        sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        q, k, v = self.qkv(self.norm(x)).split(sizes, dim=-1)
+        return tuple(t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0, rope=None):
+        """``rope``: a ``starflow.nn.rope.Rotary`` over the sequence's slots; x holds slots start.."""
         B, T, C = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        v = qkv[2]
+        q, k, v = self._split_heads(x)
         # QK-norm may run in fp32 under autocast; attention wants one dtype.
-        q, k = self.q_norm(qkv[0]).to(v.dtype), self.k_norm(qkv[1]).to(v.dtype)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if rope is not None:
+            q, k = rope.apply(q, start), rope.apply(k, start)
         if cache is not None:
             k, v = cache.write(k, v, start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, ratio: float, norm: str):
+    """GELU MLP, or with ``swiglu`` the gated form down(gelu_tanh(gate(x)) * up(x)) of the official code."""
+
+    def __init__(self, width: int, ratio: float, norm: str, swiglu: bool = False):
         super().__init__()
         hidden = int(width * ratio)
         self.norm = make_norm(norm, width)
-        self.main = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.swiglu = swiglu
+        if swiglu:
+            self.gate_proj, self.up_proj = nn.Linear(width, hidden), nn.Linear(width, hidden)
+            self.down_proj = nn.Linear(hidden, width)
+        else:
+            self.main = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x):
+        if self.swiglu:
+            h = self.norm(x)
+            return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
         return self.main(self.norm(x))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, width: int, head_dim: int, mlp_ratio: float, norm: str = "layernorm", qk_norm: bool = False):
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float, norm: str = "layernorm", qk_norm: bool = False,
+                 num_kv_heads: int | None = None, swiglu: bool = False):
         super().__init__()
-        self.attention = Attention(width, head_dim, norm, qk_norm)
-        self.mlp = MLP(width, mlp_ratio, norm)
+        self.attention = Attention(width, head_dim, norm, qk_norm, num_kv_heads)
+        self.mlp = MLP(width, mlp_ratio, norm, swiglu)
 
-    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0):
-        x = x + self.attention(x, mask, cache, start)
+    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0, rope=None):
+        x = x + self.attention(x, mask, cache, start, rope)
         return x + self.mlp(x)
