@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 # model_type -> "module:Class"
 MODEL_TYPES = {
@@ -10,10 +9,6 @@ MODEL_TYPES = {
     "rectified-flow": "starflow.peers.rectified_flow:RectifiedFlow",
     "flowar": "starflow.peers.flowar:FlowAR",
 }
-
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-DEFAULT_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist")
-DEFAULT_TEXT_MODEL = os.path.join(ASSETS, "starflow_shapes")
 
 
 def model_class(model_type: str):

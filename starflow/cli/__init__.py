@@ -1,4 +1,7 @@
-"""The ``starflow`` command. Each sub-command lives in its own module with ``add_parser`` and ``run``."""
+"""The ``starflow`` command. Each sub-command lives in its own module with ``add_parser`` and ``run``.
+
+Building the parser imports every sub-command module, so those modules import nothing heavy (torch,
+diffusers, transformers) at module level: ``starflow --help`` stays fast. Heavy imports go in ``run``."""
 from __future__ import annotations
 
 import argparse
@@ -21,11 +24,22 @@ COMMANDS = {
     "decode": "decode",
     "inpaint": "inpaint",
     "edit": "edit",
+    "example": "example",
 }
 
 
+DESCRIPTION = """Normalizing-flow image generation.
+
+Shipped models, usable by name from any folder: mnist (class-conditional digits), shapes (text to
+image), edit (instruction editing). Try:
+  starflow generate --prompt "two red circles above a blue square"
+  starflow generate --class 3 -n 16 --out threes.png
+  starflow COMMAND --help"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="starflow", description="Normalizing-flow image generation.")
+    parser = argparse.ArgumentParser(prog="starflow", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f"starflow.cli.{module}")

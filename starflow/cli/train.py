@@ -9,11 +9,11 @@ import argparse
 
 import yaml
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads
+from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="train a model from a YAML recipe")
+    p = add_command(sub, name, "train a model from a YAML recipe", description=__doc__)
     p.add_argument("--config", required=True, help="YAML recipe with 'model' and 'train' sections")
     p.add_argument("--model", choices=["starflow", "rectified-flow", "flowar"],
                    help="model family; overrides the recipe's model_type (its 'model' fields must fit that family)")
