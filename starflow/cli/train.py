@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
                   f"({len(trainer.dataset)} examples, {'latent' if run_cfg.train.autoencoder else 'pixel'} space); "
                   f"device {trainer.device}" + (f"; {world} ranks, {run_cfg.train.distributed}" if world > 1 else ""),
                   flush=True)
+        if main:
+            out_dir = run_cfg.train.out_dir
+            print(f"writing to {out_dir}: log.jsonl (metrics), samples/ (grids), checkpoints/, model/", flush=True)
         try:
             out = trainer.train(resume=args.resume)
         except TrainingInterrupted as e:
