@@ -27,6 +27,15 @@ def add_command(sub, name: str, help: str, description: str | None = None) -> ar
     return sub.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
 
 
+def require_extra(module: str, extra: str, what: str) -> None:
+    """A clear error naming the pip extra when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise FileNotFoundError(f"{what} needs the '{extra}' extra: pip install -e '.[{extra}]' "
+                                f"(from the clone; module {module!r} is missing)")
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (auto: cuda if available, else cpu)")

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from starflow.cli.common import (add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
+from starflow.cli.common import (add_command, require_extra, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
                                  model_spec, resolve_device)
 
 
@@ -56,6 +56,8 @@ def run(args) -> int:
     from starflow.evaluation.report import evaluate_model, format_table, parse_metrics, validate_report, write_json
 
     metrics = parse_metrics(args.metrics)  # fail on typos before loading anything
+    if {"fd", "pr"} & set(metrics):
+        require_extra("efficientnet_lite_pytorch", "eval", "FD / precision-recall (EfficientNet-Lite0 features)")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     spec = model_spec(args)

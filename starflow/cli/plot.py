@@ -21,6 +21,9 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from starflow.cli.common import require_extra
+
+    require_extra("matplotlib", "plot", "starflow plot")
     from starflow.evaluation import plots
 
     if not (args.run_dir or args.guidance_sweep or args.model_comparison):
