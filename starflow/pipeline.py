@@ -57,6 +57,18 @@ def _model_class(model_type: str):
     return model_class(model_type)
 
 
+def read_sampling(directory: str) -> dict:
+    """A saved pipeline's sampling defaults (library defaults filled in) without loading the model."""
+    from starflow.io.shipped import resolve_model
+
+    path = os.path.join(resolve_model(directory), INDEX)
+    sampling = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            sampling = check_sampling(json.load(f).get("sampling"))
+    return {**SAMPLING_DEFAULTS, **sampling}
+
+
 class StarflowPipeline:
     def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None,
                  sampling: dict | None = None):
