@@ -134,3 +134,10 @@ def test_training_prints_progress_lines_when_not_a_terminal(tmp_path, capsys):
     last = lines[-1]
     assert last.startswith("step 3/3") and "nats/dim" in last and "bits/dim" in last
     assert "images/s" in last and "ETA" in last
+
+
+def test_unknown_option_shows_the_sub_command_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--no-such-option"])
+    err = capsys.readouterr().err
+    assert "usage: starflow generate" in err and "--no-such-option" in err

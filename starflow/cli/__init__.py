@@ -37,10 +37,21 @@ image), edit (instruction editing). Try:
   starflow COMMAND --help"""
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: an unknown option is reported with this sub-command's usage, not the
+    top-level one (argparse otherwise hands unknown options up to the main parser)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starflow", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f"starflow.cli.{module}")
         p = mod.add_parser(sub, name)
