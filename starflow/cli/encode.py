@@ -26,14 +26,13 @@ def run(args) -> int:
 
     import torch
 
-    from starflow.tasks import encode as E
     from starflow.cli.generate import default_model
+    from starflow.io.shipped import resolve_model
     from starflow.pipeline import StarflowPipeline
+    from starflow.tasks import encode as E
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
-    from starflow.io.shipped import resolve_model
-
     # the resolved absolute path goes into the noise file, so decode finds the model from any folder
     model_dir = os.path.abspath(resolve_model(args.model or default_model(args.prompt)))
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)
