@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from starflow.tasks import encode as E  # noqa: E402
 from starflow.tasks.inpaint import inpaint  # noqa: E402
-from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 
 LINES: list[str] = []
 

@@ -17,7 +17,8 @@ import torch
 
 from starflow import STARFlow, TrainConfig
 from starflow.config import FlowConfig
-from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL
+from starflow.pipeline import load_pretrained
 
 
 def main():

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from starflow.io.images import to_uint8
-from starflow.models import DEFAULT_DIGITS_MODEL, load_pretrained
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL
+from starflow.pipeline import load_pretrained
 
 RULES = ("starflow", "tarflow", "tarflow-annealed")
 

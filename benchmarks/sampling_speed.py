@@ -19,7 +19,7 @@ import time
 import torch
 
 from flops import measure_matmul_peak, sampling_flops
-from starflow.models import DEFAULT_DIGITS_MODEL
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL
 from starflow.pipeline import load_pretrained
 
 

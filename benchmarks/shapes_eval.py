@@ -18,7 +18,7 @@ import torch
 
 
 def main(argv=None):
-    from starflow.models import DEFAULT_TEXT_MODEL
+    from starflow.io.shipped import DEFAULT_TEXT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_TEXT_MODEL)

@@ -7,7 +7,6 @@ Each registered class conforms to ``starflow.protocols.GenerativeModel``; flows 
 from __future__ import annotations
 
 import importlib
-import os
 
 # model_type -> "module:Class"
 MODEL_TYPES = {
@@ -15,10 +14,6 @@ MODEL_TYPES = {
     "rectified-flow": "starflow.peers.rectified_flow:RectifiedFlow",
     "flowar": "starflow.peers.flowar:FlowAR",
 }
-
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-DEFAULT_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist")
-DEFAULT_TEXT_MODEL = os.path.join(ASSETS, "starflow_shapes")
 
 
 def register(model_type: str, target: str) -> None:

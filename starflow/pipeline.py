@@ -12,6 +12,13 @@ A pipeline directory holds ``model_index.json`` and one sub-folder per saved com
 
 A bare model directory (config.json + model.safetensors, a pixel-space model) loads as a pipeline too.
 
+``sampling`` (optional) holds the sampling settings measured best for this model (``guidance``,
+``temperature``, ``sampler``, ``guidance_rule``); the CLI and the demo use them when the user does not
+choose. ``sample``/``__call__`` keep their own explicit defaults, so library calls do not change.
+
+A shipped model is also reachable by name from any folder: ``from_pretrained("shapes")`` or
+``from_pretrained("starflow:shapes")`` (see ``starflow.io.shipped``).
+
 ``noise_std`` is the Gaussian noise the flow was trained with (in its own space: latents or [-1,1]
 pixels). A sample is then a *noisy* datum; ``denoise`` says how it is cleaned: ``decoder`` (a decoder
 fine-tuned on noisy latents does it), ``tweedie`` (one score step through the flow's exact density,
@@ -29,6 +36,20 @@ from starflow.io.hub import atomic_write_bytes, read_config
 from starflow.protocols import LikelihoodModel
 
 INDEX = "model_index.json"
+# What sampling does when neither the model's index nor the user says otherwise.
+SAMPLING_DEFAULTS = {"guidance": 0.0, "temperature": 1.0, "sampler": "sequential", "guidance_rule": "starflow"}
+
+
+def check_sampling(sampling: dict | None) -> dict:
+    """Validate a model_index.json ``sampling`` entry; returns a copy."""
+    sampling = dict(sampling or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {unknown}; expected some of {sorted(SAMPLING_DEFAULTS)}")
+    for key in ("guidance", "temperature"):
+        if key in sampling and not (isinstance(sampling[key], (int, float)) and sampling[key] >= 0):
+            raise ValueError(f"sampling.{key} must be a number >= 0, got {sampling[key]!r}")
+    return sampling
 
 
 def _model_class(model_type: str):
@@ -46,8 +67,21 @@ def _load_model(directory: str, device, dtype: torch.dtype | None):
     return _model_class(model_type).from_pretrained(directory, map_location=device, dtype=dtype)
 
 
+def read_sampling(directory: str) -> dict:
+    """A saved pipeline's sampling defaults (library defaults filled in) without loading the model."""
+    from starflow.io.shipped import resolve_model
+
+    path = os.path.join(resolve_model(directory), INDEX)
+    sampling = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            sampling = check_sampling(json.load(f).get("sampling"))
+    return {**SAMPLING_DEFAULTS, **sampling}
+
+
 class StarflowPipeline:
-    def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None):
+    def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None,
+                 sampling: dict | None = None):
         denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
         if denoise not in DENOISE:
             raise ValueError(f"unknown denoise {denoise!r}; expected one of {DENOISE}")
@@ -56,6 +90,12 @@ class StarflowPipeline:
         self.text_encoder = text_encoder
         self.noise_std = noise_std
         self.denoise = denoise
+        self.sampling = check_sampling(sampling)
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The settings to sample with when the user chooses none: the model's own, else the library's."""
+        return {**SAMPLING_DEFAULTS, **self.sampling}
 
     # ---- properties users and tools read -------------------------------------------------------
     @property
@@ -166,6 +206,8 @@ class StarflowPipeline:
         os.makedirs(directory, exist_ok=True)
         self.model.save_pretrained(os.path.join(directory, "model"))
         index = {"model": "model", "noise_std": self.noise_std, "denoise": self.denoise}
+        if self.sampling:
+            index["sampling"] = self.sampling
         if self.autoencoder is not None:
             self.autoencoder.save_pretrained(os.path.join(directory, "autoencoder"))
             index["autoencoder"] = "autoencoder"
@@ -176,8 +218,12 @@ class StarflowPipeline:
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None,
                         dtype: torch.dtype | None = None) -> "StarflowPipeline":
-        """``dtype`` (STARFlow models): the flow's weight dtype, e.g. ``torch.bfloat16`` to run a large
-        imported model in half the memory; default float32."""
+        """``directory``: a pipeline or bare model directory, or a shipped model's name (``shapes``,
+        ``starflow:mnist``, ...). ``dtype`` (STARFlow models): the flow's weight dtype, e.g.
+        ``torch.bfloat16`` to run a large imported model in half the memory; default float32."""
+        from starflow.io.shipped import resolve_model
+
+        directory = resolve_model(directory)
         index_path = os.path.join(directory, INDEX)
         if not os.path.exists(index_path):  # a bare model directory
             return cls(_load_model(directory, device, dtype))
@@ -193,10 +239,11 @@ class StarflowPipeline:
             from starflow.components.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
-        return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))
+        return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"),
+                   sampling=index.get("sampling"))
 
 
 def load_pretrained(directory: str, map_location="cpu") -> StarflowPipeline:
-    """A ``StarflowPipeline`` for a pipeline or bare model directory: ``.sample(n, y=..., prompt=...)``
+    """A ``StarflowPipeline`` for a pipeline or bare model directory (or shipped name): ``.sample(n, y=..., prompt=...)``
     returns images in [-1, 1] whatever space the model lives in."""
     return StarflowPipeline.from_pretrained(directory, device=map_location)

@@ -7,6 +7,8 @@ from starflow import FlowConfig, STARFlow
 
 # Tiny test models gain nothing from threads, and oversubscribed cores make them crawl.
 torch.set_num_threads(1)
+# ...and CLI calls in-process keep it so (their --threads default is "auto").
+os.environ.setdefault("STARFLOW_THREADS", "1")
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
 

@@ -1,7 +1,7 @@
 """The models that ship in the package load offline and work, and keep the figures the README quotes."""
 import torch
 
-from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
 from starflow.pipeline import StarflowPipeline
 
 

@@ -38,6 +38,16 @@ class Slot:
     def available(self) -> bool:
         return self.missing is None
 
+    def sampling_defaults(self) -> dict:
+        """The model's own sampling settings (model_index.json), read without loading it."""
+        from starflow.pipeline import SAMPLING_DEFAULTS, read_sampling
+
+        if self._pipe is not None:
+            return dict(getattr(self._pipe, "sampling_defaults", SAMPLING_DEFAULTS))
+        if self.missing:
+            return dict(SAMPLING_DEFAULTS)
+        return read_sampling(str(self.source))
+
     def get(self):
         if self.missing:
             raise gr.Error(self.missing)
@@ -57,6 +67,13 @@ def _check_sampling(num_images, guidance, rule, temperature, seed, sampler) -> t
             check_float(temperature, "Temperature", MIN_TEMPERATURE, MAX_TEMPERATURE),
             check_int(seed, "Seed", 0, MAX_SEED),
             check_choice(sampler, "Sampler", SAMPLERS))
+
+
+def _fill(slot: Slot, guidance, rule, temperature, sampler) -> tuple:
+    """Replace the settings a caller left None by the slot's model defaults."""
+    d = slot.sampling_defaults()
+    given = {"guidance": guidance, "guidance_rule": rule, "temperature": temperature, "sampler": sampler}
+    return tuple(d[k] if v is None else v for k, v in given.items())
 
 
 def _sampler_kwargs(pipe, temperature: float, rule: str, sampler: str) -> dict:
@@ -119,9 +136,11 @@ class Demo:
         return None, None
 
     # ---- Text to image ---------------------------------------------------------------------------------
-    def text_to_image(self, prompt, num_images=4, guidance=1.0, rule="starflow", temperature=1.0, seed=0,
-                      sampler="sequential", progress=None):
+    def text_to_image(self, prompt, num_images=4, guidance=None, rule=None, temperature=None, seed=0,
+                      sampler=None, progress=None):
+        """Settings left None take the model's own (``Slot.sampling_defaults``)."""
         prompt = check_prompt(prompt)
+        guidance, rule, temperature, sampler = _fill(self.text, guidance, rule, temperature, sampler)
         n, w, rule, t, seed, sampler = _check_sampling(num_images, guidance, rule, temperature, seed, sampler)
         pipe = self.text.get()
         if not pipe.is_text_conditional:
@@ -132,9 +151,12 @@ class Demo:
             f"{n} images in {dt:.2f} s ({sampler}, w={w:g}, {rule} rule, T={t:g}); shown upscaled (nearest)."
 
     # ---- Digits ------------------------------------------------------------------------------------------
-    def digits_grid(self, label, num_images=16, guidance=1.0, rule="starflow", temperature=1.0, seed=0,
-                    sampler="sequential", progress=None):
+    def digits_grid(self, label, num_images=16, guidance=None, rule=None, temperature=None, seed=0,
+                    sampler=None, progress=None):
+        """Settings left None take the model's own (``Slot.sampling_defaults``)."""
         from starflow.io.images import make_grid
+
+        guidance, rule, temperature, sampler = _fill(self.digits, guidance, rule, temperature, sampler)
 
         n, w, rule, t, seed, sampler = _check_sampling(num_images, guidance, rule, temperature, seed, sampler)
         pipe = self.digits.get()

@@ -29,15 +29,16 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
     models = demo.model_choices()
     ev = dict(concurrency_id="model", concurrency_limit=concurrency)
 
-    def sampling_controls(default_n: int):
+    def sampling_controls(default_n: int, d: dict):
+        """Controls that start at the model's own settings (its model_index.json), as the CLI does."""
         with gr.Row():
             n = gr.Slider(1, MAX_IMAGES, value=default_n, step=1, label=f"Number of images (max {MAX_IMAGES})")
-            w = gr.Slider(0.0, MAX_GUIDANCE, value=1.0, step=0.25, label="Guidance weight w (0 = unguided)")
-            rule = gr.Dropdown(rules, value="starflow", label="Guidance rule")
+            w = gr.Slider(0.0, MAX_GUIDANCE, value=d["guidance"], step=0.25, label="Guidance weight w (0 = unguided)")
+            rule = gr.Dropdown(rules, value=d["guidance_rule"], label="Guidance rule")
         with gr.Row():
-            t = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=1.0, step=0.05, label="Temperature")
+            t = gr.Slider(MIN_TEMPERATURE, MAX_TEMPERATURE, value=d["temperature"], step=0.05, label="Temperature")
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
-            sampler = gr.Radio(list(SAMPLERS), value="sequential", label="Sampler")
+            sampler = gr.Radio(list(SAMPLERS), value=d["sampler"], label="Sampler")
         return n, w, rule, t, seed, sampler
 
     with gr.Blocks(title="starflow demo", analytics_enabled=False) as blocks:
@@ -47,7 +48,7 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
                 gr.Markdown(f"**Not available:** {demo.text.missing}")
             prompt = gr.Textbox(label=f"Prompt (max {MAX_PROMPT_CHARS} characters)", max_length=MAX_PROMPT_CHARS,
                                 value="two red circles above a blue square", elem_id="prompt")
-            controls = sampling_controls(4)
+            controls = sampling_controls(4, demo.text.sampling_defaults())
             go = gr.Button("Generate", variant="primary", elem_id="generate", interactive=demo.text.available)
             gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png")
             info = gr.Markdown(elem_id="text-info")
@@ -62,7 +63,7 @@ def build_app(demo: Demo, concurrency: int = DEFAULT_CONCURRENCY, queue_size: in
             if not demo.digits.available:
                 gr.Markdown(f"**Not available:** {demo.digits.missing}")
             label = gr.Dropdown([str(i) for i in range(10)], value="3", label="Class (digit)")
-            dcontrols = sampling_controls(16)
+            dcontrols = sampling_controls(16, demo.digits.sampling_defaults())
             dgo = gr.Button("Generate", variant="primary", elem_id="generate-digits", interactive=demo.digits.available)
             grid = gr.Image(label="Samples", type="pil", format="png", elem_id="digits-grid")
             dinfo = gr.Markdown()

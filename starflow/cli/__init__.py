@@ -1,4 +1,7 @@
-"""The ``starflow`` command. Each sub-command lives in its own module with ``add_parser`` and ``run``."""
+"""The ``starflow`` command. Each sub-command lives in its own module with ``add_parser`` and ``run``.
+
+Building the parser imports every sub-command module, so those modules import nothing heavy (torch,
+diffusers, transformers) at module level: ``starflow --help`` stays fast. Heavy imports go in ``run``."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +26,34 @@ COMMANDS = {
     "decode": "decode",
     "inpaint": "inpaint",
     "edit": "edit",
+    "example": "example",
 }
 
 
+DESCRIPTION = """Normalizing-flow image generation.
+
+Shipped models, usable by name from any folder: mnist (class-conditional digits), shapes (text to
+image), edit (instruction editing). Try:
+  starflow generate --prompt "two red circles above a blue square"
+  starflow generate --class 3 -n 16 --out threes.png
+  starflow COMMAND --help"""
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser: an unknown option is reported with this sub-command's usage, not the
+    top-level one (argparse otherwise hands unknown options up to the main parser)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="starflow", description="Normalizing-flow image generation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="starflow", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, module in COMMANDS.items():
         mod = importlib.import_module(f"starflow.cli.{module}")
         p = mod.add_parser(sub, name)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 
+from starflow.cli.common import add_command
+
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="convert an official apple/ml-tarflow checkpoint")
+    p = add_command(sub, name, "convert an official apple/ml-tarflow checkpoint")
     p.add_argument("checkpoint", help="safetensors state dict of transformer_flow.Model")
     p.add_argument("--config", required=True,
                    help="JSON with the official Model(...) arguments (in_channels, img_size, patch_size, "

@@ -1,22 +1,21 @@
 """``starflow decode``: a noise file written by ``starflow encode`` -> the image, through the exact inverse."""
 from __future__ import annotations
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="decode a noise file from 'starflow encode' back to an image")
+    p = add_command(sub, name, "decode a noise file from 'starflow encode' back to an image")
     p.add_argument("--noise", required=True, help=".safetensors file written by starflow encode")
     p.add_argument("--out", required=True, help="output PNG (a grid if the file holds several images)")
-    p.add_argument("--model", help="pipeline or model directory (default: the one recorded in the noise file)")
+    add_model_arg(p, "the one recorded in the noise file")
     add_device_arg(p)
     add_threads_arg(p)
     return p
 
 
 def run(args) -> int:
-    import os
-
+    from starflow.io.shipped import resolve_model
     from starflow.tasks import encode as E
     from starflow.pipeline import StarflowPipeline
 
@@ -26,13 +25,15 @@ def run(args) -> int:
     model_dir = args.model or meta.get("model")
     if not model_dir:
         raise ValueError(f"{args.noise} does not record its model; pass --model")
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory not found: {model_dir} (recorded in {args.noise}); pass --model")
+    try:
+        model_dir = resolve_model(model_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (recorded in {args.noise}); pass --model") from None
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)
     shape = tuple(pipe.model.image_shape)
     if z.ndim != 4 or tuple(z.shape[1:]) != shape:
         raise ValueError(f"noise has shape {tuple(z.shape)} but this model's noise is [B, {', '.join(map(str, shape))}]")
     images = E.decode(pipe, z, y=meta.get("class"), prompt=meta.get("prompt"))
     E.save_image(images, args.out)
-    print(f"decoded {images.shape[0]} image(s) {tuple(images.shape[1:])} -> {args.out}")
+    print(f"decoded {images.shape[0]} image(s) {tuple(images.shape[1:])} -> wrote {args.out}")
     return 0

@@ -2,22 +2,22 @@
 "add a red triangle", "move the triangle to the left") with an edit model (see ``starflow.tasks.editing``)."""
 from __future__ import annotations
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
 
 MAX_IMAGES = 64
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="edit an image by a text instruction (shapes world)")
+    p = add_command(sub, name, "edit an image by a text instruction (shapes world)", description=__doc__)
     p.add_argument("--image", required=True, help="PNG/JPEG file")
     p.add_argument("--instruction", required=True, help="e.g. 'make the circle blue', 'remove the square', "
                                                         "'add a red triangle', 'move the triangle to the left'")
     p.add_argument("--out", default="edited.png", help="output PNG (a grid with --num-images > 1)")
-    p.add_argument("--model", help="edit pipeline directory (default: the shipped edit model, if any)")
-    p.add_argument("--num-images", "-n", type=int, default=1)
+    add_model_arg(p, "edit")
+    p.add_argument("--num-images", "-n", type=int, default=1, help="edits to draw")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 on the instruction")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="noise scale T")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--check", action="store_true",
                    help="report the change ShapesEval's detector sees between the input and each output")
     add_device_arg(p)
@@ -26,23 +26,23 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    import os
     import warnings
 
     import torch
 
     from starflow.tasks import encode as E
-    from starflow.tasks.editing import DEFAULT_EDIT_MODEL, EditPipeline, infer_edit, parse_instruction
+    from starflow.io.shipped import resolve_model
+    from starflow.tasks.editing import EditPipeline, infer_edit, parse_instruction
 
     apply_threads(args.threads)
     if not args.instruction.strip():
         raise ValueError("empty instruction")
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
-    model_dir = args.model or DEFAULT_EDIT_MODEL
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"edit model not found: {model_dir}" + ("" if args.model else
-                                " (no edit model is shipped in this install; pass --model)"))
+    try:
+        model_dir = resolve_model(args.model or "edit")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"edit model not found: {e}") from None
     device = resolve_device(args.device)
     with E.notes():
         try:
@@ -57,7 +57,7 @@ def run(args) -> int:
     out = pipe.edit(image[None].expand(n, -1, -1, -1), [args.instruction] * n, guidance=args.guidance,
                     temperature=args.temperature, generator=torch.Generator(device).manual_seed(args.seed))
     E.save_image(out, args.out)
-    print(f"{n} edit(s) of {args.image} ({args.instruction!r}) -> {args.out}")
+    print(f"{n} edit(s) of {args.image} ({args.instruction!r}) -> wrote {args.out}")
     if args.check:
         for i, img in enumerate(out):
             got = infer_edit(image, img)

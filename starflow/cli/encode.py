@@ -2,15 +2,16 @@
 error and the image's exact likelihood. ``starflow decode`` inverts it."""
 from __future__ import annotations
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="encode an image to its exact noise (safetensors); invert with 'starflow decode'")
-    p.add_argument("--image", required=True, help="PNG/JPEG file (converted to the model's mode and size, with a note)")
+    p = add_command(sub, name, "encode an image to its exact noise (safetensors); invert with 'starflow decode'",
+                    description=__doc__ + "\n\nAn example input: starflow example --digit 3 --out digit.png")
+    p.add_argument("--image", required=True, help="PNG/JPEG file (converted to the model's mode and size, with a "
+                                                  "note); MNIST models expect a white digit on black")
     p.add_argument("--out", required=True, help="output .safetensors file (tensor 'noise' + metadata)")
-    p.add_argument("--model", help="pipeline or model directory (default: the shipped MNIST model, or the shipped "
-                                   "text-to-image model with --prompt)")
+    add_model_arg(p, "mnist, or shapes with --prompt")
     p.add_argument("--class", dest="label", type=int, help="class label to encode under (class-conditional models; "
                                                            "default: the null condition)")
     p.add_argument("--prompt", help="prompt to encode under (text-conditional models; default: the null condition)")
@@ -21,15 +22,19 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    import os
+
     import torch
 
-    from starflow.tasks import encode as E
     from starflow.cli.generate import default_model
+    from starflow.io.shipped import resolve_model
     from starflow.pipeline import StarflowPipeline
+    from starflow.tasks import encode as E
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
-    model_dir = args.model or default_model(args.prompt)
+    # the resolved absolute path goes into the noise file, so decode finds the model from any folder
+    model_dir = os.path.abspath(resolve_model(args.model or default_model(args.prompt)))
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)
     C, H, _ = pipe.image_shape
     with E.notes():
@@ -45,4 +50,5 @@ def run(args) -> int:
         msg += f" (autoencoder reconstruction alone: {err['reconstruction']} levels)"
     print(msg)
     print(f"exact NLL: {nll[0].item():.4f} {unit}")
+    print(f"wrote {args.out}")
     return 0

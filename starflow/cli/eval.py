@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from starflow.cli.common import add_device_arg, resolve_device
+from starflow.cli.common import (add_command, require_extra, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
+                                 model_spec, resolve_device)
 
 
 def _sample_arg(text: str):
@@ -23,29 +25,30 @@ def _sample_arg(text: str):
 
 
 def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help="evaluate a checkpoint: FD-EffNetLite0, precision/recall, accuracy, NLL",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="saved model directory (loaded with starflow.pipeline.load_pretrained)")
-    p.add_argument("--metrics", default="fd,pr,acc,nll",
-                   help="comma-separated subset of fd,fid,pr,acc,nll (default: fd,pr,acc,nll)")
-    p.add_argument("--num-samples", type=int, default=1000, help="number of generated images (default 1000)")
+    p = add_command(subparsers, name, "evaluate a checkpoint: FD-EffNetLite0, precision/recall, accuracy, NLL",
+                    description=__doc__)
+    add_model_arg(p, "none: required", positional=True)
+    p.add_argument("--metrics", default="fd,pr,acc,nll", help="comma-separated subset of fd,fid,pr,acc,nll")
+    p.add_argument("--num-samples", type=int, default=1000, help="number of generated images")
     p.add_argument("--dataset", default="mnist", help="reference dataset: mnist, digits or folder:PATH")
     p.add_argument("--ref-split", default="test", choices=["test", "train"],
                    help="reference split for FD/PR and the split for NLL (default: held-out test)")
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=100, help="sampling / NLL batch size")
     p.add_argument("--feature-size", type=int, default=128,
-                   help="input size for EfficientNet-Lite0 features (part of the metric's definition; default 128)")
+                   help="input size for EfficientNet-Lite0 features (part of the metric's definition)")
     p.add_argument("--inception-weights", default=None,
                    help="local pt_inception-2015-12-05 weights file, needed for the 'fid' metric")
-    p.add_argument("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/starflow/eval_stats)")
+    p.add_argument("--cache-dir", default=None, help="reference-statistics cache (default: $STARFLOW_CACHE_DIR/eval_stats, else "
+                                                     "~/.cache/starflow/eval_stats)")
     p.add_argument("--no-baseline", action="store_true", help="skip the real-images baseline rows")
     p.add_argument("--nll-max", type=int, default=None, help="score a seeded random subset of N split images for NLL (default: all)")
     p.add_argument("--sample-arg", action="append", type=_sample_arg, default=[], metavar="KEY=VALUE",
                    help="extra keyword for model.sample (JSON value), e.g. --sample-arg guidance=1.5; repeatable")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     add_device_arg(p)
+    add_threads_arg(p)
     return p
 
 
@@ -53,28 +56,50 @@ def run(args) -> int:
     from starflow.evaluation.report import evaluate_model, format_table, parse_metrics, validate_report, write_json
 
     metrics = parse_metrics(args.metrics)  # fail on typos before loading anything
+    if {"fd", "pr"} & set(metrics):
+        require_extra("efficientnet_lite_pytorch", "eval", "FD / precision-recall (EfficientNet-Lite0 features)")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    spec = model_spec(args)
+    if spec is None:
+        raise ValueError("name the model to evaluate: starflow eval mnist (or --model NAME|DIR)")
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     from starflow.pipeline import load_pretrained
 
-    model = load_pretrained(args.checkpoint, map_location=str(device))
+    model = load_pretrained(spec, map_location=str(device))
     if hasattr(model, "to"):
         model = model.to(device) or model
     if hasattr(model, "eval"):
         model.eval()
+    from starflow.evaluation.frechet import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    cached_before = _cache_files(cache_dir)
     log = None if args.quiet else (lambda msg: print(msg, flush=True))
     report = evaluate_model(
         model, metrics, dataset=args.dataset, num_samples=args.num_samples, ref_split=args.ref_split,
-        seed=args.seed, batch_size=args.batch_size, image_size=args.feature_size, cache_dir=args.cache_dir,
+        seed=args.seed, batch_size=args.batch_size, image_size=args.feature_size, cache_dir=cache_dir,
         inception_weights=args.inception_weights, baseline=not args.no_baseline,
-        sample_kwargs=dict(args.sample_arg), checkpoint=args.checkpoint, nll_max=args.nll_max, log=log,
+        sample_kwargs=dict(args.sample_arg), checkpoint=spec, nll_max=args.nll_max, log=log,
     )
     validate_report(report)
     print(format_table(report))
     for w in report["warnings"]:
         print(f"note: {w}")
+    new = _cache_files(cache_dir) - cached_before
+    if new:  # said once: when the cache is written, not on every later run that reads it
+        size = sum(os.path.getsize(os.path.join(cache_dir, f)) for f in _cache_files(cache_dir))
+        print(f"cached reference statistics in {cache_dir} ({len(new)} new file(s); cache now {size / 1e6:.1f} MB; "
+              "--cache-dir or STARFLOW_CACHE_DIR puts it elsewhere)")
     if args.out:
         write_json(report, args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _cache_files(directory: str) -> set[str]:
+    try:
+        return {f for f in os.listdir(directory) if os.path.isfile(os.path.join(directory, f))}
+    except OSError:
+        return set()

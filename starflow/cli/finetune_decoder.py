@@ -10,14 +10,11 @@ import os
 import shlex
 import time
 
-import torch
-
-from starflow.cli.common import add_device_arg, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help="fine-tune an autoencoder's decoder on noisy latents",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = add_command(subparsers, name, "fine-tune an autoencoder's decoder on noisy latents", description=__doc__)
     p.add_argument("--autoencoder", required=True,
                    help="autoencoder directory (diffusers format) or a shipped name (mnist, shapes)")
     p.add_argument("--out", required=True, help="output directory")
@@ -30,7 +27,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="also train on flipped images (not for digits)")
     p.add_argument("--image-size", type=int, default=None, help="folder datasets only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    add_threads_arg(p)
     add_device_arg(p)
     return p
 
@@ -51,6 +48,8 @@ def _command(args, dataset) -> str:
 
 def check_encoder_identical(original_dir: str, new_dir: str) -> int:
     """Raise if any encoder-side tensor differs bit-for-bit; return how many were compared."""
+    import torch
+
     from safetensors.torch import load_file
 
     from starflow.components.autoencoder import DIFFUSERS_WEIGHTS, ENCODER_PREFIXES
@@ -65,13 +64,14 @@ def check_encoder_identical(original_dir: str, new_dir: str) -> int:
 
 
 def run(args) -> int:
+    import torch
+
     from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
     from starflow.cli.train_autoencoder import split_train_test
     from starflow.train.autoencoder_trainer import (FinetuneConfig, config_to_dict, finetune_decoder,
                                                     reconstruction_psnr)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.sigma < 0:
         raise ValueError("--sigma must be >= 0")
     device = resolve_device(args.device)

@@ -1,25 +1,33 @@
-"""``starflow generate``: the main job. A prompt gives images from the shipped text-to-image model;
-``--class`` gives digits from the shipped class-conditional MNIST model. No flags needed."""
+"""``starflow generate``: the main job. ``--prompt`` gives images from the shipped text-to-image model
+(shapes); ``--class`` gives digits from the shipped class-conditional MNIST model. Sampling settings
+default to the model's own (stored in its model_index.json)."""
 from __future__ import annotations
 
-import os
 import time
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
-from starflow.cli.sample import add_sampling_args, sampling_kwargs
+from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.sample import add_sampling_args, add_scale_arg, sampling_kwargs
 
 MAX_IMAGES = 256
+EPILOG = """examples:
+  starflow generate --prompt "two red circles above a blue square"
+  starflow generate --class 3 -n 16 --out threes.png
+  starflow generate --model DIR --prompt "a green triangle"
+
+Without --model, one of --prompt or --class is required. With a class-conditional --model and neither,
+the images cycle through the classes; with an unconditional model, neither is needed."""
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="generate images from a prompt (or a class) with a shipped or saved model")
+    p = add_command(sub, name, "generate images from a prompt (or a class) with a shipped or saved model",
+                    description=__doc__ + "\n\n" + EPILOG)
     p.add_argument("--prompt", help="text prompt, e.g. 'two red circles above a blue square'")
     p.add_argument("--class", dest="label", type=int, help="class label (class-conditional models, e.g. digits 0-9)")
-    p.add_argument("--model", help="pipeline or model directory (default: shipped shapes model for --prompt, "
-                                   "shipped MNIST model for --class)")
+    add_model_arg(p, "shapes with --prompt, mnist with --class")
     p.add_argument("--out", default="out.png", help="PNG path (a grid), or a folder with --no-grid")
     p.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image into --out")
-    p.add_argument("--grid", dest="grid", action="store_true", help="one PNG grid (default)")
+    p.add_argument("--grid", dest="grid", action="store_true", help="one PNG grid (the default)")
+    add_scale_arg(p)
     p.add_argument("--denoise", choices=["decoder", "tweedie", "none"],
                    help="latent models: how to clean the noisy latent (default: what the model was shipped with)")
     add_sampling_args(p)
@@ -30,13 +38,8 @@ def add_parser(sub, name):
 
 
 def default_model(prompt: str | None) -> str:
-    from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
-
-    if prompt is not None:
-        if not os.path.exists(os.path.join(DEFAULT_TEXT_MODEL, "model_index.json")):
-            raise FileNotFoundError(f"the shipped text-to-image model is missing ({DEFAULT_TEXT_MODEL}); pass --model")
-        return DEFAULT_TEXT_MODEL
-    return DEFAULT_DIGITS_MODEL
+    """The shipped model for a prompt (shapes) or a class (mnist)."""
+    return "shapes" if prompt is not None else "mnist"
 
 
 def run(args) -> int:
@@ -45,13 +48,16 @@ def run(args) -> int:
     from starflow.io.images import save_images
     from starflow.pipeline import StarflowPipeline
 
-    apply_threads(args.threads)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("empty prompt")
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if args.prompt is not None and args.label is not None:
         raise ValueError("give --prompt or --class, not both")
+    if args.model is None and args.prompt is None and args.label is None:
+        raise ValueError("give --prompt TEXT (shipped shapes model) or --class N (shipped MNIST digits model), "
+                         "or --model to choose a model")
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise)
     kw = sampling_kwargs(args, pipe)
@@ -66,7 +72,7 @@ def run(args) -> int:
     images = pipe.sample(args.num_images, y=y, prompt=args.prompt, generator=torch.Generator(device).manual_seed(args.seed),
                          device=device, **kw)
     dt = time.time() - t0
-    paths = save_images(images, args.out, grid=args.grid)
-    where = paths[0] if args.grid else f"{len(paths)} files in {args.out}"
-    print(f"{args.num_images} images in {dt:.2f}s -> {where}")
+    paths = save_images(images, args.out, grid=args.grid, scale=args.scale)
+    where = f"wrote {paths[0]}" if args.grid else f"wrote {len(paths)} files in {args.out}"
+    print(f"{args.num_images} images in {dt:.2f}s (w={args.guidance:g}, T={args.temperature:g}, {args.sampler}) -> {where}")
     return 0

@@ -2,28 +2,30 @@
 (training-free, iterative resampling through the exact inverse; see ``starflow.tasks.inpaint``)."""
 from __future__ import annotations
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
 
 MAX_IMAGES = 64
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="inpaint the white region of a mask (optionally guided by a class or a prompt)")
-    p.add_argument("--image", required=True, help="PNG/JPEG file")
-    p.add_argument("--mask", required=True, help="mask PNG of the same size: white = regenerate (thresholded at 0.5)")
+    p = add_command(sub, name, "inpaint the white region of a mask (optionally guided by a class or a prompt)",
+                    description=__doc__ + "\n\nExample inputs: starflow example --digit 3 --out digit.png "
+                                          "--mask lower-half --mask-out mask.png")
+    p.add_argument("--image", required=True, help="PNG/JPEG file (MNIST models: a white digit on black)")
+    p.add_argument("--mask", required=True, help="mask PNG of the same size: white = regenerate, black = keep "
+                                                 "(thresholded at 0.5)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
     p.add_argument("--class", dest="label", type=int, help="class label (class-conditional models)")
     p.add_argument("--out", default="inpainted.png", help="output PNG (a grid with --num-images > 1)")
-    p.add_argument("--model", help="pipeline or model directory (default: the shipped MNIST model, or the shipped "
-                                   "text-to-image model with --prompt)")
+    add_model_arg(p, "mnist, or shapes with --prompt")
     p.add_argument("--num-images", "-n", type=int, default=1, help="completions to draw")
     p.add_argument("--steps", type=int, default=5, help="resampling rounds")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 of the condition")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="noise scale T")
     p.add_argument("--dilate", type=int, default=0, help="grow the latent mask by this many cells (latent models)")
     p.add_argument("--blend", default="paste", choices=["paste", "decoded"],
                    help="paste: unmasked pixels copied from the input (default); decoded: the decoder's image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     add_device_arg(p)
     add_threads_arg(p)
     return p
@@ -55,5 +57,5 @@ def run(args) -> int:
     E.save_image(result.images, args.out)
     frac = mask.float().mean().item()
     print(f"{n} completion(s), {frac:.1%} of pixels masked, {int(result.token_mask[0].sum())}/"
-          f"{result.token_mask.shape[1]} tokens resampled, {args.steps} rounds -> {args.out}")
+          f"{result.token_mask.shape[1]} tokens resampled, {args.steps} rounds -> wrote {args.out}")
     return 0

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import math
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
-from starflow.protocols import LikelihoodModel
+from starflow.cli.common import (add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
+                                 model_spec, resolve_device)
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="evaluate exact bits/dim on a dataset split")
-    p.add_argument("checkpoint", nargs="?", help="model directory (default: the shipped MNIST model)")
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=250)
+    p = add_command(sub, name, "evaluate exact bits/dim on a dataset split")
+    add_model_arg(p, "mnist", positional=True)
+    p.add_argument("--dataset", default="mnist", help="dataset to score (a name starflow.data.build_dataset knows)")
+    p.add_argument("--split", default="test", help="dataset split (test = held out)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     p.add_argument("--image", help="one image file: print its exact bits/dim (pixel models) or nats/dim of its "
                                    "latents (latent models), under the null condition (an out-of-distribution score)")
@@ -25,14 +25,15 @@ def run(args) -> int:
     import torch
 
     from starflow.data import build_dataset
-    from starflow.models import DEFAULT_DIGITS_MODEL
     from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
     if args.image:
         return _one_image(args, device)
-    model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
+    model = load_pretrained(model_spec(args) or "mnist", map_location=device)
+    from starflow.protocols import LikelihoodModel
+
     if not isinstance(model.model, LikelihoodModel):  # model is a pipeline, which always has bits_per_dim
         raise ValueError(f"{type(model).__name__} has no exact likelihood")
     ds = build_dataset(args.dataset, args.split)
@@ -54,10 +55,9 @@ def _one_image(args, device) -> int:
     import torch
 
     from starflow.tasks import encode as E
-    from starflow.models import DEFAULT_DIGITS_MODEL
     from starflow.pipeline import StarflowPipeline
 
-    pipe = StarflowPipeline.from_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, device=device)
+    pipe = StarflowPipeline.from_pretrained(model_spec(args) or "mnist", device=device)
     C, H, _ = pipe.image_shape
     with E.notes():
         image = E.load_image(args.image, C, H)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 
+from starflow.cli.common import add_command
+
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="plot a training run (loss, bits/dim, FD, samples) and benchmark JSON files")
+    p = add_command(sub, name, "plot a training run (loss, bits/dim, FD, samples) and benchmark JSON files",
+                    description=__doc__)
     p.add_argument("run_dir", nargs="?", help="training output directory (holds log.jsonl, samples/)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/plots, or . without RUN_DIR)")
     p.add_argument("--space", default="auto", choices=["auto", "pixel", "latent"],
@@ -18,6 +21,9 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
+    from starflow.cli.common import require_extra
+
+    require_extra("matplotlib", "plot", "starflow plot")
     from starflow.evaluation import plots
 
     if not (args.run_dir or args.guidance_sweep or args.model_comparison):
@@ -38,5 +44,7 @@ def run(args) -> int:
     for n in notes:
         print(f"note: {n}")
     for p in written:
-        print(p)
+        print(f"wrote {p}")
+    if not written:
+        print(f"no figures written (nothing to plot in {args.run_dir})")
     return 0

@@ -4,29 +4,48 @@ from __future__ import annotations
 import argparse
 import time
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import (add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
+                                 model_spec, resolve_device)
+
+# Options whose default comes from the model (model_index.json "sampling"), else from the library.
+MODEL_DEFAULTED = ("guidance", "temperature", "sampler", "guidance_rule")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-images", "-n", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 (0 = unguided)")
-    p.add_argument("--guidance-rule", default="starflow", choices=["starflow", "tarflow", "tarflow-annealed"])
-    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi", "diffusers"],
-                   help="diffusers: rectified-flow models only, the loop run by diffusers' "
-                        "FlowMatchEulerDiscreteScheduler")
-    p.add_argument("--jacobi-threshold", type=float, default=1e-3)
+    from starflow.io.shipped import sampling_help
+
+    p.add_argument("--num-images", "-n", type=int, default=16, help="how many images")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--temperature", type=float, help=f"noise scale T (default: {sampling_help('temperature', 1.0)})")
+    p.add_argument("--guidance", type=float, help="guidance weight w >= 0, 0 = unguided "
+                                                   f"(default: {sampling_help('guidance', 0.0)})")
+    p.add_argument("--guidance-rule", choices=["starflow", "tarflow", "tarflow-annealed"],
+                   help=f"how guidance mixes the conditional and unconditional flows "
+                        f"(default: {sampling_help('guidance_rule', 'starflow')})")
+    p.add_argument("--sampler", choices=["sequential", "jacobi", "diffusers"],
+                   help="sequential: one token at a time (fastest on a CPU); jacobi: parallel fixed-point "
+                        "iterations (pays off on a GPU); diffusers: rectified-flow models only, the loop run by "
+                        "diffusers' FlowMatchEulerDiscreteScheduler "
+                        f"(default: {sampling_help('sampler', 'sequential')})")
+    p.add_argument("--jacobi-threshold", type=float, default=1e-3, help="Jacobi convergence threshold")
     p.add_argument("--jacobi-window", type=int, default=0, help="tokens per Jacobi window (0 = whole block)")
     p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")
 
 
+def add_scale_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", type=int, default=0,
+                   help="upscale each tile by this integer factor (nearest); 0 = automatic (tiles under 64 px "
+                        "are enlarged), 1 = as sampled")
+
+
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="sample images from a saved model")
-    p.add_argument("checkpoint", nargs="?", help="model directory (default: the shipped MNIST model)")
-    p.add_argument("--class", dest="label", type=int, help="class label for every image (class-conditional models)")
+    p = add_command(sub, name, "sample images from a saved model")
+    add_model_arg(p, "mnist", positional=True)
+    p.add_argument("--class", dest="label", type=int, help="class label for every image (class-conditional "
+                                                           "models; default: one of each class in turn)")
     p.add_argument("--out", default="samples.png", help="PNG grid path, or a folder with --no-grid")
     p.add_argument("--no-grid", action="store_true", help="write one PNG per image into --out")
+    add_scale_arg(p)
     add_sampling_args(p)
     add_device_arg(p)
     add_threads_arg(p)
@@ -34,15 +53,22 @@ def add_parser(sub, name):
 
 
 def sampling_kwargs(args, pipe) -> dict:
-    """The sampler arguments the loaded model takes (peers: Euler sampling, guidance only)."""
+    """The sampler arguments the loaded model takes (peers: Euler sampling, guidance only). Options the
+    user left unset take the model's own defaults (``pipe.sampling_defaults``); ``args`` is filled in."""
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    defaults = getattr(pipe, "sampling_defaults", None)
+    if defaults is None:
+        from starflow.pipeline import SAMPLING_DEFAULTS as defaults
+    for key in MODEL_DEFAULTED:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     model_type = getattr(pipe.model, "model_type", "starflow")
     if args.sampler == "diffusers" and model_type != "rectified-flow":
         raise ValueError("--sampler diffusers is for rectified-flow models")
     if model_type != "starflow":
         if args.aspect or args.sampler == "jacobi":
-            raise ValueError(f"{pipe.model.model_type} models take neither --aspect nor --sampler jacobi")
+            raise ValueError(f"{model_type} models take neither --aspect nor --sampler jacobi")
         return {"guidance": args.guidance, **({"sampler": "diffusers"} if args.sampler == "diffusers" else {})}
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
     if args.sampler == "jacobi":
@@ -58,12 +84,11 @@ def run(args) -> int:
     import torch
 
     from starflow.io.images import save_images
-    from starflow.models import DEFAULT_DIGITS_MODEL
     from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
-    model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
+    model = load_pretrained(model_spec(args) or "mnist", map_location=device)
     kw = sampling_kwargs(args, model)
     y = None
     if args.label is not None:
@@ -74,7 +99,7 @@ def run(args) -> int:
     t0 = time.time()
     images = model.sample(args.num_images, y=y, generator=generator, device=device, **kw)
     dt = time.time() - t0
-    paths = save_images(images, args.out, grid=not args.no_grid)
+    paths = save_images(images, args.out, grid=not args.no_grid, scale=args.scale)
     print(f"{args.num_images} images in {dt:.2f}s ({args.num_images / dt:.1f} images/s) -> "
           f"{paths[0] if len(paths) == 1 else args.out}")
     return 0

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import os
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="start the web demo (Gradio) on localhost")
-    p.add_argument("--checkpoint", help="class-conditional (or unconditional) model for the Digits tab "
-                                        "(default: the shipped MNIST model); a text-conditional directory "
-                                        "here is used for the text tab")
-    p.add_argument("--text-checkpoint", help="text-to-image model (default: the shipped shapes model)")
-    p.add_argument("--port", type=int, default=7860)
+    p = add_command(sub, name, "start the web demo (Gradio) on localhost", description=__doc__)
+    p.add_argument("--model", "--checkpoint", dest="checkpoint", metavar="NAME|DIR",
+                   help="class-conditional (or unconditional) model for the Digits tab, a shipped name or a "
+                        "directory (default: mnist); a text-conditional model here is used for the text tab")
+    p.add_argument("--text-model", "--text-checkpoint", dest="text_checkpoint", metavar="NAME|DIR",
+                   help="text-to-image model (default: shapes)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--concurrency", type=int, default=1, help="model requests run at once; the rest queue")
     p.add_argument("--queue-size", type=int, default=32, help="requests that may wait; more are refused")
@@ -26,11 +27,13 @@ def add_parser(sub, name):
 
 def resolve_checkpoints(checkpoint: str | None, text_checkpoint: str | None) -> tuple[str | None, str | None]:
     """The given directories, or the shipped models that exist. Raises when there is nothing to serve."""
-    from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
+    from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL, is_shipped_name, resolve_model
 
     for path in (checkpoint, text_checkpoint):
-        if path is not None and not os.path.isdir(path):
+        if path is not None and not os.path.isdir(path) and not is_shipped_name(path):
             raise FileNotFoundError(f"model directory {path!r} does not exist")
+    checkpoint = resolve_model(checkpoint) if checkpoint is not None else None
+    text_checkpoint = resolve_model(text_checkpoint) if text_checkpoint is not None else None
     if checkpoint is None and text_checkpoint is None:
         checkpoint = DEFAULT_DIGITS_MODEL if os.path.isdir(DEFAULT_DIGITS_MODEL) else None
         text_checkpoint = DEFAULT_TEXT_MODEL if os.path.isdir(DEFAULT_TEXT_MODEL) else None
@@ -54,7 +57,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     demo = app.Demo.from_dirs(checkpoint, text_checkpoint, device=device)
     if args.checkpoint is None and args.text_checkpoint is None:  # say which shipped model is missing
-        from starflow.models import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
+        from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
 
         if not demo.text.available:
             demo.text = app.Slot(DEFAULT_TEXT_MODEL, "shipped text-to-image", device)

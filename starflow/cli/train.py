@@ -9,11 +9,11 @@ import argparse
 
 import yaml
 
-from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads
+from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads
 
 
 def add_parser(sub, name):
-    p = sub.add_parser(name, help="train a model from a YAML recipe")
+    p = add_command(sub, name, "train a model from a YAML recipe", description=__doc__)
     p.add_argument("--config", required=True, help="YAML recipe with 'model' and 'train' sections")
     p.add_argument("--model", choices=["starflow", "rectified-flow", "flowar"],
                    help="model family; overrides the recipe's model_type (its 'model' fields must fit that family)")
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
                   f"({len(trainer.dataset)} examples, {'latent' if run_cfg.train.autoencoder else 'pixel'} space); "
                   f"device {trainer.device}" + (f"; {world} ranks, {run_cfg.train.distributed}" if world > 1 else ""),
                   flush=True)
+        if main:
+            out_dir = run_cfg.train.out_dir
+            print(f"writing to {out_dir}: log.jsonl (metrics), samples/ (grids), checkpoints/, model/", flush=True)
         try:
             out = trainer.train(resume=args.resume)
         except TrainingInterrupted as e:

@@ -10,14 +10,11 @@ import platform
 import shlex
 import time
 
-import torch
-
-from starflow.cli.common import add_device_arg, resolve_device
+from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads, resolve_device
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help="train a small KL autoencoder for latent flows",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = add_command(subparsers, name, "train a small KL autoencoder for latent flows", description=__doc__)
     p.add_argument("--dataset", default="mnist", help="mnist, digits, shapes or folder:PATH")
     p.add_argument("--out", required=True, help="output directory (diffusers format)")
     p.add_argument("--steps", type=int, default=1500)
@@ -38,7 +35,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-sigma", type=float, default=0.3, help="also report PSNR with this latent noise")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave default)")
+    add_threads_arg(p)
     add_device_arg(p)
     return p
 
@@ -62,6 +59,8 @@ def _command(args) -> str:
 
 
 def split_train_test(name: str, image_size, channels):
+    import torch
+
     from starflow.train.autoencoder_trainer import load_images
 
     if name.startswith("folder:"):
@@ -76,12 +75,13 @@ def split_train_test(name: str, image_size, channels):
 
 
 def run(args) -> int:
+    import torch
+
     from starflow.components.autoencoder import Autoencoder
     from starflow.train.autoencoder_trainer import (AutoencoderTrainConfig, config_to_dict, reconstruction_psnr,
                                                     train_autoencoder)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
     try:

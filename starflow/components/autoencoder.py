@@ -296,9 +296,7 @@ class Autoencoder(nn.Module):
             present = sorted(f for f in os.listdir(directory) if f != DIFFUSERS_CONFIG)
             raise FileNotFoundError(f"{directory} has no {DIFFUSERS_WEIGHTS} (expected diffusers-format safetensors "
                                     f"weights; found {present or 'nothing else'}). Pickled .bin weights are not loaded.")
-        import diffusers
-
-        model_cls = getattr(diffusers, class_name)
+        model_cls = _diffusers_class(class_name)
         try:
             vae, info = model_cls.from_pretrained(directory, use_safetensors=True, local_files_only=True,
                                                   low_cpu_mem_usage=False, output_loading_info=True,
@@ -322,6 +320,18 @@ class Autoencoder(nn.Module):
         if device is not None:
             ae.to(device)
         return ae
+
+
+def _diffusers_class(class_name: str):
+    """The one diffusers autoencoder class needed, from its own module: the package root would import
+    diffusers' whole pipeline tree (several seconds on every command that loads a latent model)."""
+    if class_name == "AutoencoderKL":
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+        return AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
+
+    return AutoencoderTiny
 
 
 def default_autoencoder_dir(name: str = "mnist") -> str:

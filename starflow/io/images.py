@@ -22,24 +22,46 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.transpose(1, 2, 0), mode="RGB")
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+# Grids: mid-grey separators stay visible against both black (digits) and white backgrounds.
+SEPARATOR = 128
+# Tiles smaller than this (px) are enlarged by an integer factor when the scale is automatic.
+AUTO_SCALE_SIDE = 64
+
+
+def auto_scale(height: int, width: int) -> int:
+    """Integer nearest-neighbour factor that brings a tile to at least AUTO_SCALE_SIDE px."""
+    return max(1, math.ceil(AUTO_SCALE_SIDE / max(height, width, 1)))
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1,
+              pad_value: int = SEPARATOR) -> Image.Image:
+    """A batch [B, C, H, W] -> one PIL grid, ``nrow`` tiles per row, each tile enlarged ``scale`` times
+    (nearest; 0 = automatic, see ``auto_scale``), ``pad`` px separators of grey level ``pad_value``."""
     if images.dtype != torch.uint8:
         images = to_uint8(images)
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
     B, C, H, W = images.shape
+    scale = scale or auto_scale(H, W)
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        H, W = H * scale, W * scale
     nrow = nrow or math.ceil(math.sqrt(B))
     ncol = math.ceil(B / nrow)
-    grid = np.zeros((C, ncol * (H + pad) + pad, nrow * (W + pad) + pad), dtype=np.uint8)
+    grid = np.full((C, ncol * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=np.uint8)
     for i, img in enumerate(images.cpu().numpy()):
         r, c = divmod(i, nrow)
         grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img
     return to_pil(torch.from_numpy(grid))
 
 
-def save_images(images: torch.Tensor, out: str, grid: bool = True, nrow: int | None = None) -> list[str]:
-    """Save a batch as one PNG grid (``out`` is a file) or one PNG per image (``out`` is a folder)."""
+def save_images(images: torch.Tensor, out: str, grid: bool = True, nrow: int | None = None,
+                scale: int = 0) -> list[str]:
+    """Save a batch as one PNG grid (``out`` is a file; tiles enlarged ``scale`` times, 0 = automatic) or
+    one PNG per image at its own size (``out`` is a folder)."""
     if grid:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        make_grid(images, nrow).save(out)
+        make_grid(images, nrow, scale=scale).save(out)
         return [out]
     os.makedirs(out, exist_ok=True)
     paths = []

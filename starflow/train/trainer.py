@@ -32,7 +32,6 @@ from dataclasses import asdict
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from starflow.config import TrainConfig
 from starflow.data.spaces import add_dequantization_noise
@@ -41,6 +40,7 @@ from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
 from starflow.train.ema import make_ema
 from starflow.train.schedule import warmup_cosine
+from starflow.train.progress import Progress
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -371,8 +371,8 @@ class Trainer:
         cfg = self.cfg
         bad_in_a_row = 0
         t0, seen = time.time(), 0
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.is_main and sys.stderr.isatty()))
+        bar = Progress(cfg.steps, self.step, enabled=self.is_main, flow=hasattr(self.model, "log_prob"),
+                       pixel=not getattr(cfg, "autoencoder", None))
         while self.step < cfg.steps:
             self._stop_agreed = False
             rec = self.train_step(self.step)
@@ -390,12 +390,12 @@ class Trainer:
                 bad_in_a_row = 0
                 self.step += 1
                 seen += cfg.batch_size
-                bar.update(1)
+                bar.update()
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.time() - t0
                     rec.update(step=self.step, images_per_s=seen / dt if dt > 0 else float("nan"), time=time.time())
                     self.log(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
+                    bar.logged(self.step, rec)
                     t0, seen = time.time(), 0
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()

@@ -1,7 +1,6 @@
 """Editing data: instructions, applying one to a scene, and the (source, instruction, target) dataset."""
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import torch
 
 from starflow.data.shapes import (COLOURS, MARGIN_PX, MIN_GAP_PX, REFERENCE_SIZE, SHAPES, SIZE_RADII_PX, Claim,
                                   ObjectSpec, Requirement, SceneSpec, _px, render_spec, sample_spec)
+from starflow.io.shipped import DEFAULT_EDIT_MODEL  # noqa: F401  (re-exported; the path lives in one place)
 
 
 EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
@@ -21,7 +21,6 @@ EDIT_TEST_SEED = 20250612
 EDIT_SPLIT_SEEDS = {"train": EDIT_TRAIN_SEED, "test": EDIT_TEST_SEED}
 #: source scene categories (from starflow.data.shapes) used for editing; counting scenes (N identical
 #: objects) rarely allow "the X" and are left out.
-DEFAULT_EDIT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "starflow_edit")
 SOURCE_CATEGORIES = ("single_object", "two_object", "colors", "position", "color_attr")
 
 
