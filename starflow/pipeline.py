@@ -24,7 +24,8 @@ import os
 
 import torch
 
-from starflow.io.hub import atomic_write_bytes, read_config
+from starflow.errors import ConfigError
+from starflow.io.hub import atomic_write_bytes, inside, read_config
 
 INDEX = "model_index.json"
 DENOISE = ("decoder", "tweedie", "none")
@@ -165,15 +166,21 @@ class StarflowPipeline:
             cfg = read_config(directory)
             model = _model_class(cfg.get("model_type", "starflow")).from_pretrained(directory, map_location=device)
             return cls(model)
-        with open(index_path) as f:
-            index = json.load(f)
-        model_dir = os.path.join(directory, index["model"])
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"corrupt pipeline index {index_path}: {e}") from None
+        if not isinstance(index, dict) or "model" not in index:
+            raise ConfigError(f"pipeline index {index_path} must be a JSON object with a 'model' entry")
+        model_dir = inside(directory, index["model"], f"{index_path}: model")
         model = _model_class(read_config(model_dir).get("model_type", "starflow")).from_pretrained(model_dir, map_location=device)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
             from starflow.components.autoencoder import Autoencoder
 
-            autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
+            autoencoder = Autoencoder.from_pretrained(inside(directory, index["autoencoder"], f"{index_path}: autoencoder"),
+                                                      device=device)
         if index.get("text_encoder"):
             from starflow.components.text_encoder import TextEncoder
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from starflow.io.hub import PretrainedMixin
+from starflow.schema import check_model_memory, check_types, transformer_params
 from starflow.peers.mmdit import (Condition, ConditionEncoder, FeedForward, FinalLayer, TimestepEmbedder,
                                   init_adaln_zero, modulate, sincos_pos_embed)
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
@@ -184,6 +185,7 @@ class FlowARConfig:
     sample_steps: int = 10  # Euler steps per scale
 
     def __post_init__(self):
+        check_types(self)
         self.scales = tuple(int(s) for s in self.scales)  # JSON gives lists back
         if self.scale_loss_weights is not None:
             self.scale_loss_weights = tuple(float(w) for w in self.scale_loss_weights)
@@ -210,6 +212,11 @@ class FlowARConfig:
         if self.width % 4 or self.head_width % 4:
             raise ValueError("width and head_width must be divisible by 4 (2-D sin-cos positions)")
         self.timesteps()
+        tokens = sum(s * s for s in self.scales)
+        check_model_memory("model", transformer_params(self.width, self.depth, self.mlp_ratio)
+                           + transformer_params(self.head_width, self.head_depth, self.mlp_ratio)
+                           + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
+                           self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale)

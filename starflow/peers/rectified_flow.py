@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starflow.io.hub import PretrainedMixin
+from starflow.schema import check_model_memory, check_types, transformer_params
 from starflow.peers.mmdit import Condition, ConditionEncoder, MMDiT
 
 TIMESTEP_SAMPLERS = ("logit-normal", "mode", "cosmap", "uniform")
@@ -188,9 +189,11 @@ class RectifiedFlowConfig:
     sample_steps: int = 50
 
     def __post_init__(self):
+        check_types(self)
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        for name in ("in_channels", "image_size", "patch_size", "width", "depth", "heads", "sample_steps"):
+        for name in ("in_channels", "image_size", "patch_size", "width", "depth", "heads", "sample_steps",
+                     "num_class_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
@@ -198,6 +201,11 @@ class RectifiedFlowConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.timesteps()  # validates the sampler parameters now, not at the first training step
+        tokens = (self.image_size // self.patch_size) ** 2
+        # MM-DiT: two streams of layers (image and condition); activations of one example.
+        check_model_memory("model", 2 * transformer_params(self.width, self.depth, self.mlp_ratio)
+                           + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
+                           self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale, self.shift)
