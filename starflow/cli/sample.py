@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+
+SAMPLE_CHUNK = 256  # images sampled (and written) at a time
+MAX_IMAGES = 100_000
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -33,8 +37,8 @@ def add_parser(sub, name):
 
 def sampling_kwargs(args, pipe) -> dict:
     """The sampler arguments the loaded model takes (peers: Euler sampling, guidance only)."""
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if getattr(pipe.model, "model_type", "starflow") != "starflow":
         if args.aspect or args.sampler != "sequential":
             raise ValueError(f"{pipe.model.model_type} models take neither --aspect nor --sampler")
@@ -52,11 +56,13 @@ def sampling_kwargs(args, pipe) -> dict:
 def run(args) -> int:
     import torch
 
-    from starflow.io.images import save_images
+    from starflow.errors import check_output_dir
+    from starflow.io.images import check_finite_images, save_images, to_uint8
     from starflow.models import DEFAULT_DIGITS_MODEL
     from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
+    check_output_dir(args.out if args.no_grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
     model = load_pretrained(args.checkpoint or DEFAULT_DIGITS_MODEL, map_location=device)
     kw = sampling_kwargs(args, model)
@@ -67,9 +73,20 @@ def run(args) -> int:
         y = torch.arange(args.num_images) % model.num_classes
     generator = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    images = model.sample(args.num_images, y=y, generator=generator, device=device, **kw)
+    # Chunks keep memory flat in n: each chunk is sampled, checked and either written (one file per
+    # image) or kept as uint8 for the grid. n <= SAMPLE_CHUNK (the default 16 too) is one chunk, as before.
+    kept, written = [], 0
+    for lo in range(0, args.num_images, SAMPLE_CHUNK):
+        k = min(SAMPLE_CHUNK, args.num_images - lo)
+        chunk = model.sample(k, y=None if y is None else y[lo:lo + k], generator=generator, device=device, **kw)
+        check_finite_images(chunk, f"sampled images {lo}..{lo + k - 1}")
+        if args.no_grid:
+            written += len(save_images(chunk, args.out, grid=False, start=lo))
+        else:
+            kept.append(to_uint8(chunk).cpu())
+        del chunk
     dt = time.time() - t0
-    paths = save_images(images, args.out, grid=not args.no_grid)
+    paths = save_images(torch.cat(kept), args.out) if kept else [args.out] * written
     print(f"{args.num_images} images in {dt:.2f}s ({args.num_images / dt:.1f} images/s) -> "
           f"{paths[0] if len(paths) == 1 else args.out}")
     return 0

@@ -5,6 +5,8 @@ deep-shallow (STARFlow) stack it is the deep block and the only one that reads t
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -163,6 +165,10 @@ class STARFlow(nn.Module, PretrainedMixin):
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
         check_guidance(guidance, guidance_rule)
+        unknown = set(sampler_kwargs) - {f.name for f in dataclasses.fields(SamplerOptions)}
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; known: temperature, size, "
+                             f"{', '.join(f.name for f in dataclasses.fields(SamplerOptions))}")
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
         cond = self.make_condition(B, y, text, z.device)
@@ -185,8 +191,8 @@ class STARFlow(nn.Module, PretrainedMixin):
         aspect-ratio bucket. Extra arguments go to ``inverse``."""
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         c = self.config
         size = tuple(size) if size is not None else (c.image_size, c.image_size)
         if size not in c.image_sizes():

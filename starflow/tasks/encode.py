@@ -43,6 +43,8 @@ import warnings
 import numpy as np
 import torch
 
+from starflow.errors import LimitError, NonFiniteError
+
 NOISE_FORMAT = "starflow-noise-v1"
 
 
@@ -255,6 +257,8 @@ def save_noise(path: str, z: torch.Tensor, model_dir: str | None = None, y=None,
     """Write z to a safetensors file; metadata records the model and the condition used."""
     from starflow.io.hub import atomic_save_safetensors
 
+    if not bool(torch.isfinite(z).all()):
+        raise NonFiniteError(f"noise for {path} contains NaN or infinity; nothing written")
     meta = {"format": NOISE_FORMAT, "model": os.path.abspath(model_dir) if model_dir else "",
             "class": json.dumps(None if y is None else torch.as_tensor(y).reshape(-1).tolist()),
             "prompt": json.dumps(prompt), "shape": json.dumps(list(z.shape))}
@@ -354,6 +358,8 @@ def load_image(path: str, channels: int, size: int, what: str = "image", resize:
     try:
         im = Image.open(path)
         im.load()
+    except Image.DecompressionBombError as e:
+        raise LimitError(f"{what} {path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read {what} {path}: not an image Pillow can decode ({e})") from e
     w, h = im.size
@@ -379,6 +385,8 @@ def image_size_of(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
+    except Image.DecompressionBombError as e:
+        raise LimitError(f"image {path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
 
@@ -404,11 +412,11 @@ class notes:
 
 def save_image(images: torch.Tensor, path: str) -> None:
     """One uint8 image [C, H, W] (or a batch, saved as a grid) to a PNG."""
-    from starflow.io.images import make_grid, to_pil
+    from starflow.io.images import check_finite_images, make_grid, save_pil, to_pil
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = _as_batch(images)
-    (to_pil(images[0]) if images.shape[0] == 1 else make_grid(images)).save(path)
+    check_finite_images(images, f"images for {path}")
+    save_pil(to_pil(images[0]) if images.shape[0] == 1 else make_grid(images), path)
 
 
 __all__ = ["as_pipeline", "space", "encode", "decode", "decode_to_model_space", "round_trip_error", "image_nll",

@@ -43,10 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from starflow.errors import LimitError
 from starflow.tasks.encode import (as_pipeline, check_images, condition_args, float_to_pixels, image_size_of, load_image,
                              pixels_to_float)
 
 BLENDS = ("paste", "decoded")
+MAX_STEPS = 1000  # resampling rounds; each is a full encode + decode, so more is a runaway request
 
 
 @dataclass
@@ -169,10 +171,10 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
     model = pipe.model
     if not hasattr(model, "inverse") or not hasattr(model, "patchify"):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; inpainting needs a STARFlow model")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise LimitError(f"steps (resampling rounds) must be between 1 and {MAX_STEPS}, got {steps}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     if dilate < 0:
