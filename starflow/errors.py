@@ -56,7 +56,9 @@ class TrainingError(StarflowError, RuntimeError):
 
 def os_error_message(e: OSError, path: str | None = None) -> str:
     """A one-line description of an ``OSError`` naming the path and the problem in plain words."""
-    where = path or e.filename or "?"
+    where = path or e.filename
+    if where is None:
+        return str(e.strerror or e)
     if e.errno == errno.ENOSPC:
         return f"disk full while writing {where}"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

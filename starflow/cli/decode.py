@@ -16,6 +16,7 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     import os
+    import sys
 
     from starflow.tasks import encode as E
     from starflow.pipeline import StarflowPipeline
@@ -28,6 +29,13 @@ def run(args) -> int:
         raise ValueError(f"{args.noise} does not record its model; pass --model")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory not found: {model_dir} (recorded in {args.noise}); pass --model")
+    if not args.model:  # a path read from a file: only a saved model folder, and say which one is used
+        from starflow.errors import UnsafePathError
+
+        if not (os.path.isabs(model_dir) and any(os.path.isfile(os.path.join(model_dir, n))
+                                                 for n in ("model_index.json", "config.json"))):
+            raise UnsafePathError(f"{args.noise} names {model_dir!r}, which is not a saved model folder; pass --model")
+        print(f"note: using the model recorded in {args.noise}: {model_dir}", file=sys.stderr)
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)
     shape = tuple(pipe.model.image_shape)
     if z.ndim != 4 or tuple(z.shape[1:]) != shape:

@@ -28,6 +28,11 @@ def run(args) -> int:
     from starflow.pipeline import StarflowPipeline
 
     apply_threads(args.threads)
+    import os
+
+    from starflow.errors import check_output_dir
+
+    check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
     model_dir = args.model or default_model(args.prompt)
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)

@@ -52,6 +52,9 @@ def run(args) -> int:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if args.prompt is not None and args.label is not None:
         raise ValueError("give --prompt or --class, not both")
+    from starflow.errors import check_output_dir
+
+    check_output_dir(args.out if not args.grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
     pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise)
     kw = sampling_kwargs(args, pipe)

@@ -39,7 +39,10 @@ def parse_overrides(items: list[str]) -> dict:
             continue
         if not sep or "." not in key or key.split(".")[0] not in ("model", "train"):
             raise ValueError(f"--set expects SECTION.KEY=VALUE with SECTION model or train, got {item!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split()[:8])} ...)") from None
     return out
 
 

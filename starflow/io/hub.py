@@ -116,20 +116,30 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {' '.join(str(e).split())}") from e
 
 
+def read_json(path: str, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; ``ConfigError`` naming the file for a folder, a missing or corrupt
+    file, or JSON that is not an object."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder, expected a JSON file")
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"corrupt {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"model directory not found: {directory}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a saved model directory?")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"corrupt config {path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config {path} must hold a JSON object, got a {type(cfg).__name__}")
-    return cfg
+    return read_json(path, "config")
 
 
 class PretrainedMixin:
