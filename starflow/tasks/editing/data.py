@@ -21,7 +21,7 @@ EDIT_TEST_SEED = 20250612
 EDIT_SPLIT_SEEDS = {"train": EDIT_TRAIN_SEED, "test": EDIT_TEST_SEED}
 #: source scene categories (from starflow.data.shapes) used for editing; counting scenes (N identical
 #: objects) rarely allow "the X" and are left out.
-DEFAULT_EDIT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "starflow_edit")
+DEFAULT_EDIT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "starflow_edit")
 SOURCE_CATEGORIES = ("single_object", "two_object", "colors", "position", "color_attr")
 
 
