@@ -263,7 +263,7 @@ def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
     data = read_yaml(path, "recipe")
     for section in ("model", "train"):
         _check(data.get(section) is None or isinstance(data[section], dict), f"{path}: {section}",
-               f"must be a mapping of field: value, got {type(data[section]).__name__}")
+               f"must be a mapping of field: value, got {type(data.get(section)).__name__}")
     unknown = set(data) - {"model_type", "model", "train"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'model_type', 'model' and 'train'")
