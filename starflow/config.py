@@ -103,7 +103,7 @@ def _check_flow_memory(c: FlowConfig) -> None:
     params = (transformer_params(c.width, layers, c.mlp_ratio) + c.num_blocks * per_block
               + (c.num_classes + 1 + c.cond_dim) * c.width)
     activations = layers * c.num_tokens * (c.width * (4 + c.mlp_ratio) + c.num_tokens * c.width // c.head_dim)
-    check_model_memory("model", params, activations)
+    check_model_memory(params, activations)
 
 
 def _is_int(v) -> bool:

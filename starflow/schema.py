@@ -89,14 +89,14 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def check_model_memory(what: str, params: float, activations: float = 0.0) -> None:
+def check_model_memory(params: float, activations: float = 0.0, what: str = "the model") -> None:
     """Refuse a model whose fp32 weights (``params``) plus one example's activations (``activations``
     floats) would not fit in memory. Estimates are rough (within a small factor); the point is to say
     "this will not fit" before trying to allocate terabytes."""
     need = 4.0 * (params + activations)
     limit = memory_limit_bytes()
     if need > limit:
-        raise LimitError(f"{what}: the model would need about {_gb(need)} ({params / 1e6:.4g}M parameters) but "
+        raise LimitError(f"{what} would need about {_gb(need)} ({params / 1e6:.4g}M parameters) but "
                          f"this machine has {_gb(limit)}; reduce width, depth/num_blocks, image_size or num_classes")
 
 

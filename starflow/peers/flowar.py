@@ -213,7 +213,7 @@ class FlowARConfig:
             raise ValueError("width and head_width must be divisible by 4 (2-D sin-cos positions)")
         self.timesteps()
         tokens = sum(s * s for s in self.scales)
-        check_model_memory("model", transformer_params(self.width, self.depth, self.mlp_ratio)
+        check_model_memory(transformer_params(self.width, self.depth, self.mlp_ratio)
                            + transformer_params(self.head_width, self.head_depth, self.mlp_ratio)
                            + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
                            self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))

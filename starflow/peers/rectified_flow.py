@@ -203,7 +203,7 @@ class RectifiedFlowConfig:
         self.timesteps()  # validates the sampler parameters now, not at the first training step
         tokens = (self.image_size // self.patch_size) ** 2
         # MM-DiT: two streams of layers (image and condition); activations of one example.
-        check_model_memory("model", 2 * transformer_params(self.width, self.depth, self.mlp_ratio)
+        check_model_memory(2 * transformer_params(self.width, self.depth, self.mlp_ratio)
                            + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
                            self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))
 
