@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from starflow.errors import ConfigError, LimitError  # noqa: F401  (ConfigError re-exported: callers import it here)
+from starflow.schema import check_model_memory, check_types, transformer_params
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -60,6 +60,7 @@ class FlowConfig:
                                   # to max_text_tokens and all attended (the released model's prefix)
 
     def __post_init__(self):
+        check_types(self)
         _check(self.in_channels > 0, "in_channels", f"must be positive, got {self.in_channels}")
         _check(self.patch_size > 0, "patch_size", f"must be positive, got {self.patch_size}")
         _check(self.image_size % self.patch_size == 0, "image_size",
@@ -98,10 +99,11 @@ class FlowConfig:
             why = check_rope_head_dim(self.head_dim, self.conditional and self.cond_mode == "prefix")
             _check(why is None, "head_dim", str(why))
         for hw in self.buckets or []:
-            _check(len(hw) == 2 and all(0 < v <= self.image_size and v % self.patch_size == 0 for v in hw), "buckets",
-                   f"{list(hw)} must be [H, W] with 0 < H, W <= image_size {self.image_size}, divisible by patch_size {self.patch_size}")
+            _check(isinstance(hw, (list, tuple)) and len(hw) == 2 and all(_is_int(v) and 0 < v <= self.image_size and v % self.patch_size == 0 for v in hw), "buckets",
+                   f"{hw!r} must be [H, W] with 0 < H, W <= image_size {self.image_size}, divisible by patch_size {self.patch_size}")
         if self.buckets:
             self.buckets = [list(map(int, hw)) for hw in self.buckets]
+        _check_flow_memory(self)
 
     @property
     def num_tokens(self) -> int:
@@ -124,6 +126,16 @@ class FlowConfig:
         if self.deep_layers is not None:
             layers[-1] = self.deep_layers
         return layers
+
+
+def _check_flow_memory(c: FlowConfig) -> None:
+    """Refuse (before allocating) a flow whose weights and one example's activations cannot fit."""
+    layers = sum(c.block_layers())
+    per_block = 2 * c.token_dim * c.width + c.num_tokens * c.width  # in/out projections, positions
+    params = (transformer_params(c.width, layers, c.mlp_ratio) + c.num_blocks * per_block
+              + (c.num_classes + 1 + c.cond_dim) * c.width)
+    activations = layers * c.num_tokens * (c.width * (4 + c.mlp_ratio) + c.num_tokens * c.width // c.head_dim)
+    check_model_memory(params, activations)
 
 
 def _is_int(v) -> bool:
@@ -163,6 +175,7 @@ class TrainConfig:
     precision: str = "auto"           # auto | fp32 | bf16
     device: str = "auto"
     max_nonfinite_in_a_row: int = 5
+    max_rollbacks: int = 3            # rollbacks without a checkpoint saved in between before the run stops
     distributed: str = "ddp"          # under torchrun: ddp (replicated) | fsdp (fully sharded, FSDP2)
     grad_accum_steps: int = 1         # micro-steps per optimizer step (batch_size / (world * this) each)
     grad_checkpointing: bool = False  # recompute each transformer layer in backward (less memory, ~1.3x compute)
@@ -179,7 +192,7 @@ class TrainConfig:
                    f"must be a non-empty string or null, got {value!r}")
         for name in ("channels", "dataset_size", "steps", "batch_size", "warmup_steps", "seed", "log_every",
                      "ckpt_every", "sample_every", "keep_last", "num_workers", "max_nonfinite_in_a_row",
-                     "grad_accum_steps"):
+                     "grad_accum_steps", "max_rollbacks"):
             value = getattr(self, name)
             _check(_is_int(value), name, f"must be an integer, got {value!r} ({type(value).__name__})")
         _check(self.image_size is None or _is_int(self.image_size), "image_size",
@@ -203,7 +216,7 @@ class TrainConfig:
 
         # Ranges.
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every", "keep_last",
-                     "dataset_size", "channels", "max_nonfinite_in_a_row", "grad_accum_steps"):
+                     "dataset_size", "channels", "max_nonfinite_in_a_row", "grad_accum_steps", "max_rollbacks"):
             _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         _check(self.image_size is None or self.image_size > 0, "image_size", f"must be positive, got {self.image_size}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -248,14 +261,41 @@ def _build(cls, data: dict, where: str):
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except LimitError as e:
+        raise LimitError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:  # the peers' configs raise plain ValueError
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_yaml(path: str, what: str = "YAML file") -> dict:
+    """A YAML mapping from ``path`` (safe loader), or ``ConfigError`` naming the file and the problem."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder, expected a YAML file")
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping (field: value), got a {type(data).__name__}")
+    return data
 
 
 def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
     from starflow.models import model_class
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path, "recipe")
+    for section in ("model", "train"):
+        _check(data.get(section) is None or isinstance(data[section], dict), f"{path}: {section}",
+               f"must be a mapping of field: value, got {type(data.get(section)).__name__}")
     unknown = set(data) - {"model_type", "model", "train"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected 'model_type', 'model' and 'train'")

@@ -32,7 +32,8 @@ import os
 import torch
 
 from starflow.components.postprocess import DENOISE, denoise_and_decode
-from starflow.io.hub import atomic_write_bytes, read_config
+from starflow.errors import ConfigError
+from starflow.io.hub import atomic_write_bytes, inside, read_config
 from starflow.protocols import LikelihoodModel
 
 INDEX = "model_index.json"
@@ -227,14 +228,20 @@ class StarflowPipeline:
         index_path = os.path.join(directory, INDEX)
         if not os.path.exists(index_path):  # a bare model directory
             return cls(_load_model(directory, device, dtype))
-        with open(index_path) as f:
-            index = json.load(f)
-        model = _load_model(os.path.join(directory, index["model"]), device, dtype)
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"corrupt pipeline index {index_path}: {e}") from None
+        if not isinstance(index, dict) or "model" not in index:
+            raise ConfigError(f"pipeline index {index_path} must be a JSON object with a 'model' entry")
+        model = _load_model(inside(directory, index["model"], f"{index_path}: model"), device, dtype)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
             from starflow.components.autoencoder import Autoencoder
 
-            autoencoder = Autoencoder.from_pretrained(os.path.join(directory, index["autoencoder"]), device=device)
+            autoencoder = Autoencoder.from_pretrained(inside(directory, index["autoencoder"], f"{index_path}: autoencoder"),
+                                                      device=device)
         if index.get("text_encoder"):
             from starflow.components.text_encoder import TextEncoder
 

@@ -178,7 +178,7 @@ BAD = {
     "min_lr_ratio": [-0.1, 1.5], "grad_clip": [0, -1, None], "ema_decay": [1.0, -0.5], "noise_std": [-0.1, "n"],
     "seed": [-1, 2**40, 0.5], "log_every": [0], "ckpt_every": [0, -3], "sample_every": [0], "keep_last": [0],
     "num_workers": [-1, 1.5], "precision": ["fp16", "", 16], "device": ["gpu", "", 0],
-    "max_nonfinite_in_a_row": [0], "distributed": ["deepspeed", ""], "grad_accum_steps": [0, 3, 1.5],
+    "max_nonfinite_in_a_row": [0], "max_rollbacks": [0, -1, 1.5], "distributed": ["deepspeed", ""], "grad_accum_steps": [0, 3, 1.5],
     "grad_checkpointing": ["yes", 1], "ddp_find_unused_parameters": ["no", 0],
 }
 

@@ -12,7 +12,7 @@ from PIL import Image
 from starflow.app.inputs import (
     CHUNK, DISPLAY_SIDE, EDITOR_SIDE, MASK_PRESETS, MAX_GUIDANCE, MAX_IMAGES, MAX_INPAINT_STEPS,
     MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, NOT_AVAILABLE_INPAINT, SAMPLERS, _guidance_rules,
-    _progress, check_choice, check_float, check_int, check_prompt, load_upload, noise_to_image,
+    _progress, check_choice, check_float, check_pixels, check_int, check_prompt, load_upload, noise_to_image,
     to_model_image, upscale,
 )
 from starflow.protocols import LikelihoodModel
@@ -347,6 +347,9 @@ class Demo:
         if bg is None:
             raise gr.Error("Upload an image or pick an example first.")
         pipe = self._slot(which).get()
+        if isinstance(bg, (str, dict, os.PathLike)):  # a file (API callers): the upload checks apply
+            bg = load_upload(bg)
+        check_pixels(bg)  # the editor's background skips load_upload: the same limit, before any work
         bg = bg if isinstance(bg, Image.Image) else Image.fromarray(np.asarray(bg))
         x8, _ = to_model_image(bg, pipe.image_shape)
         H, W = pipe.image_shape[1:]

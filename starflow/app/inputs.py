@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
+import time
 
 import numpy as np
 import torch
@@ -13,6 +15,8 @@ MAX_IMAGES = 16
 MAX_PROMPT_CHARS = 200
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
+MAX_UPLOAD_TOTAL_BYTES = 64 * 1024 * 1024  # all uploads kept in Gradio's temp folder together
+MAX_UPLOAD_AGE_S = 3600                    # uploads older than this are removed
 MAX_GUIDANCE = 20.0
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 2.0
 MAX_SEED = 2**31 - 1
@@ -38,6 +42,61 @@ def offline_env(temp_dir: str | None = None) -> None:
 
 offline_env()
 import gradio as gr  # noqa: E402  (after the offline environment)
+
+# Gradio decodes some inputs itself (the inpainting editor's background) before a handler can check them:
+# with Pillow's bomb limit at our pixel limit, an image over twice MAX_UPLOAD_PIXELS is refused from its
+# header instead of being decoded (a 164 KB PNG can declare 13000x13000 pixels).
+Image.MAX_IMAGE_PIXELS = min(Image.MAX_IMAGE_PIXELS or MAX_UPLOAD_PIXELS, MAX_UPLOAD_PIXELS)
+
+
+def upload_dir() -> str:
+    """Where Gradio keeps uploaded files."""
+    return os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
+
+
+def enforce_upload_budget(folder: str | None = None, keep: str | None = None) -> int:
+    """Bound the uploads kept on disk: remove files older than ``MAX_UPLOAD_AGE_S``, then the oldest until
+    the total is within ``MAX_UPLOAD_TOTAL_BYTES`` (never ``keep``, the upload being handled). Returns the
+    bytes left. Empty folders Gradio made per upload are removed too."""
+    folder = folder or upload_dir()
+    if not os.path.isdir(folder):
+        return 0
+    keep = os.path.abspath(keep) if keep else None
+    files, now = [], time.time()
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    for mtime, size, path in files:
+        if os.path.abspath(path) == keep:
+            continue
+        if total <= MAX_UPLOAD_TOTAL_BYTES and now - mtime <= MAX_UPLOAD_AGE_S:
+            break
+        try:
+            os.remove(path)
+            total -= size
+        except OSError:
+            pass
+    for dirpath, dirnames, names in os.walk(folder, topdown=False):
+        if dirpath != folder and not dirnames and not names:
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+    return total
+
+
+def check_pixels(img) -> None:
+    """Refuse an image (PIL or array) above ``MAX_UPLOAD_PIXELS`` before any work is done on it."""
+    w, h = (img.width, img.height) if isinstance(img, Image.Image) else (np.shape(img)[1], np.shape(img)[0])
+    if w * h > MAX_UPLOAD_PIXELS:
+        raise gr.Error(f"The image is {w}x{h}; the limit is {MAX_UPLOAD_PIXELS:,} pixels.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,6 +167,8 @@ def load_upload(upload) -> Image.Image:
         if not os.path.isfile(path):
             raise gr.Error("The uploaded file could not be found; please upload it again.")
         size = os.path.getsize(path)
+        if os.path.abspath(path).startswith(os.path.abspath(upload_dir()) + os.sep):
+            enforce_upload_budget(keep=path)
         if size > MAX_UPLOAD_BYTES:
             raise gr.Error(f"The file is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB.")
         name = os.path.basename(path)
@@ -122,8 +183,7 @@ def load_upload(upload) -> Image.Image:
             raise
         except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
             raise gr.Error(f"'{name}' is not an image this app can read (PNG, JPEG, GIF, BMP, WebP, ...).") from None
-    if img.width * img.height > MAX_UPLOAD_PIXELS:
-        raise gr.Error(f"The image is {img.width}x{img.height}; the limit is {MAX_UPLOAD_PIXELS:,} pixels.")
+    check_pixels(img)
     return img
 
 

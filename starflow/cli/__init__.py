@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> module under starflow.cli; a module defines add_parser(subparsers) and run(args).
@@ -52,6 +53,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="starflow", description=DESCRIPTION,
+                                     epilog="--debug (anywhere) or STARFLOW_DEBUG=1: show tracebacks of errors",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, module in COMMANDS.items():
@@ -61,12 +63,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can cause and fix (bad files, configs, sizes, paths, full disks, busy ports)."""
+    import yaml
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    from starflow.errors import StarflowError
+
+    return (StarflowError, ValueError, OSError, KeyError, NotImplementedError, yaml.YAMLError,
+            Image.DecompressionBombError, SafetensorError)
+
+
+def _one_line(e: BaseException) -> str:
+    from starflow.errors import StarflowError, os_error_message
+
+    if isinstance(e, OSError) and not isinstance(e, StarflowError):
+        text = os_error_message(e)
+    elif isinstance(e, KeyError):
+        text = f"missing entry {e}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Expected failures print one line and return 2; ``--debug`` (anywhere on
+    the command line) or ``STARFLOW_DEBUG=1`` lets them raise with their traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("STARFLOW_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
-        print(f"starflow {args.command}: error: {e}", file=sys.stderr)
+    except _expected_errors() as e:
+        if debug:
+            raise
+        print(f"starflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,6 @@
 """``starflow convert-tarflow``: import an official TARFlow checkpoint (safetensors state dict)."""
 from __future__ import annotations
 
-import json
 
 from starflow.cli.common import add_command
 
@@ -19,8 +18,11 @@ def add_parser(sub, name):
 def run(args) -> int:
     from starflow.convert.tarflow import from_tarflow
 
-    with open(args.config) as f:
-        cfg = json.load(f)
+    from starflow.errors import check_output_dir
+    from starflow.io.hub import read_json
+
+    check_output_dir(args.out, "--out")
+    cfg = read_json(args.config, "--config")
     cfg = cfg.get("config", cfg)
     model = from_tarflow(args.checkpoint, cfg)
     model.save_pretrained(args.out)

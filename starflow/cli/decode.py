@@ -16,6 +16,9 @@ def add_parser(sub, name):
 
 def run(args) -> int:
     from starflow.io.shipped import resolve_model
+    import os
+    import sys
+
     from starflow.tasks import encode as E
     from starflow.pipeline import StarflowPipeline
 
@@ -25,10 +28,17 @@ def run(args) -> int:
     model_dir = args.model or meta.get("model")
     if not model_dir:
         raise ValueError(f"{args.noise} does not record its model; pass --model")
-    try:
+    if args.model:
         model_dir = resolve_model(model_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (recorded in {args.noise}); pass --model") from None
+    else:  # a path read from a file: only a saved model folder, and say which one is used
+        from starflow.errors import UnsafePathError
+
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory not found: {model_dir} (recorded in {args.noise}); pass --model")
+        if not (os.path.isabs(model_dir) and any(os.path.isfile(os.path.join(model_dir, n))
+                                                 for n in ("model_index.json", "config.json"))):
+            raise UnsafePathError(f"{args.noise} names {model_dir!r}, which is not a saved model folder; pass --model")
+        print(f"note: using the model recorded in {args.noise}: {model_dir}", file=sys.stderr)
     pipe = StarflowPipeline.from_pretrained(model_dir, device=device)
     shape = tuple(pipe.model.image_shape)
     if z.ndim != 4 or tuple(z.shape[1:]) != shape:

@@ -32,6 +32,10 @@ def run(args) -> int:
     from starflow.tasks import encode as E
 
     apply_threads(args.threads)
+
+    from starflow.errors import check_output_dir
+
+    check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
     # the resolved absolute path goes into the noise file, so decode finds the model from any folder
     model_dir = os.path.abspath(resolve_model(args.model or default_model(args.prompt)))

@@ -24,6 +24,27 @@ def _sample_arg(text: str):
     return key.strip(), value
 
 
+def _check_sample_args(pipe, kwargs: dict) -> None:
+    """Refuse --sample-arg keys the model's sampler does not take (before any evaluation work)."""
+    import dataclasses
+    import inspect
+
+    flow = getattr(pipe, "model", pipe)
+    allowed = set()
+    for fn in (getattr(flow, "sample", None), getattr(flow, "inverse", None)):
+        if fn is not None:
+            allowed |= {n for n, p in inspect.signature(fn).parameters.items()
+                        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if getattr(flow, "model_type", "") == "starflow":
+        from starflow.flow.sampling import SamplerOptions
+
+        allowed |= {f.name for f in dataclasses.fields(SamplerOptions)}
+    allowed -= {"self", "n", "z", "x", "y", "text", "generator", "device"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"--sample-arg: unknown sampling option(s) {unknown}; this model takes {sorted(allowed)}")
+
+
 def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
     p = add_command(subparsers, name, "evaluate a checkpoint: FD-EffNetLite0, precision/recall, accuracy, NLL",
                     description=__doc__)
@@ -64,6 +85,18 @@ def run(args) -> int:
     if spec is None:
         raise ValueError("name the model to evaluate: starflow eval mnist (or --model NAME|DIR)")
     apply_threads(args.threads)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.nll_max is not None and args.nll_max < 1:
+        raise ValueError(f"--nll-max must be >= 1, got {args.nll_max}")
+    if args.out:
+        import os
+
+        from starflow.errors import check_output_dir
+
+        check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file path for the JSON report")
     device = resolve_device(args.device)
     from starflow.pipeline import load_pretrained
 
@@ -76,6 +109,7 @@ def run(args) -> int:
 
     cache_dir = args.cache_dir or default_cache_dir()
     cached_before = _cache_files(cache_dir)
+    _check_sample_args(model, dict(args.sample_arg))
     log = None if args.quiet else (lambda msg: print(msg, flush=True))
     report = evaluate_model(
         model, metrics, dataset=args.dataset, num_samples=args.num_samples, ref_split=args.ref_split,

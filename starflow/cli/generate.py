@@ -3,6 +3,7 @@
 default to the model's own (stored in its model_index.json)."""
 from __future__ import annotations
 
+import os
 import time
 
 from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
@@ -58,6 +59,9 @@ def run(args) -> int:
         raise ValueError("give --prompt TEXT (shipped shapes model) or --class N (shipped MNIST digits model), "
                          "or --model to choose a model")
     apply_threads(args.threads)
+    from starflow.errors import check_output_dir
+
+    check_output_dir(args.out if not args.grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
     pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise)
     kw = sampling_kwargs(args, pipe)

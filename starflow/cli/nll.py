@@ -28,6 +28,8 @@ def run(args) -> int:
     from starflow.pipeline import load_pretrained
 
     apply_threads(args.threads)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
     if args.image:
         return _one_image(args, device)

@@ -43,12 +43,27 @@ def resolve_checkpoints(checkpoint: str | None, text_checkpoint: str | None) -> 
     return checkpoint, text_checkpoint
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before loading any model when ``host:port`` cannot be bound (in use, or not allowed)."""
+    import socket
+
+    from starflow.errors import BadInputError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise BadInputError(f"cannot serve on {host}:{port}: {e.strerror or e} (is another server using "
+                            "the port? pick another --port)") from None
+
+
 def run(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.concurrency < 1 or args.queue_size < 1:
         raise ValueError("--concurrency and --queue-size must be >= 1")
     apply_threads(args.threads)
+    check_port_free(args.host, args.port)
     checkpoint, text_checkpoint = resolve_checkpoints(args.checkpoint, args.text_checkpoint)
     try:
         from starflow import app

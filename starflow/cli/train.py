@@ -25,6 +25,7 @@ def add_parser(sub, name):
     p.add_argument("--distributed", choices=["ddp", "fsdp"],
                    help="under torchrun: replicate (ddp, default) or fully shard (fsdp) the model; overrides train.distributed")
     add_device_arg(p)
+    p.set_defaults(device=None)  # absent: the recipe's train.device decides (its default is auto)
     add_threads_arg(p)
     return p
 
@@ -38,7 +39,10 @@ def parse_overrides(items: list[str]) -> dict:
             continue
         if not sep or "." not in key or key.split(".")[0] not in ("model", "train"):
             raise ValueError(f"--set expects SECTION.KEY=VALUE with SECTION model or train, got {item!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split()[:8])} ...)") from None
     return out
 
 
@@ -54,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.out_dir:
         overrides["train.out_dir"] = args.out_dir
-    if args.steps:
+    if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.distributed:
         overrides["train.distributed"] = args.distributed
-    overrides["train.device"] = args.device
+    if args.device:
+        overrides["train.device"] = args.device
     if args.model:
         overrides["model_type"] = args.model
     run_cfg = load_run_config(args.config, overrides)

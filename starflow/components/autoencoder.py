@@ -308,6 +308,9 @@ class Autoencoder(nn.Module):
         if missing or mismatched:
             raise ValueError(f"weights in {directory} do not match its config.json: missing {missing[:5]}, "
                              f"mismatched {mismatched[:5]}")
+        from starflow.io.hub import check_finite
+
+        check_finite(vae.state_dict(), f"weights of {directory}")
         side = {}
         sidecar_path = os.path.join(directory, SIDECAR_NAME)
         if os.path.exists(sidecar_path):

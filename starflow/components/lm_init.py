@@ -71,7 +71,12 @@ def load_causal_lm(lm_dir: str, gguf_file: str | None = None, dtype: torch.dtype
 
     if not os.path.isdir(lm_dir):
         raise FileNotFoundError(f"language model directory {lm_dir!r} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype=dtype, **_kw(gguf_file))
+    if not gguf_file:  # weights from safetensors only: a pickled pytorch_model.bin is never unpickled
+        from starflow.components.text_encoder import _require_safetensors
+
+        _require_safetensors(lm_dir)
+    safe = {} if gguf_file else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype=dtype, **safe, **_kw(gguf_file))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -94,6 +94,16 @@ class _EmbeddingsOnly(nn.Module):
         return self.embed(input_ids)
 
 
+def _require_safetensors(path: str) -> None:
+    """A clear error for a local folder with no safetensors weights (transformers' own is an OSError)."""
+    if os.path.isdir(path) and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+                                       for n in os.listdir(path)):
+        from starflow.errors import CheckpointError
+
+        raise CheckpointError(f"{path} has no safetensors weights (model.safetensors); pickled weights "
+                              "(pytorch_model.bin) are not loaded")
+
+
 def _load_model(path: str, mode: str, gguf_file: str | None = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
@@ -104,6 +114,8 @@ def _load_model(path: str, mode: str, gguf_file: str | None = None) -> nn.Module
     if gguf_file:
         kw["gguf_file"] = gguf_file
     config = AutoConfig.from_pretrained(path, **kw)
+    if not gguf_file:  # weights from safetensors only: a pickled pytorch_model.bin is never unpickled
+        kw["use_safetensors"] = True
     if mode == "embeddings":
         if getattr(config, "is_encoder_decoder", False):
             from transformers import AutoModelForTextEncoding as cls
@@ -175,6 +187,8 @@ class TextEncoder(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         kw = {"gguf_file": gguf_file} if gguf_file else {}
+        if not gguf_file:
+            _require_safetensors(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
         enc = cls(_load_model(path, mode, gguf_file), tokenizer, max_length, source, mode, cache_size, gguf_file)
         if dtype is not None:
@@ -361,9 +375,14 @@ class PrecomputedTextEncoder(TextEncoder):
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"text table not found: {path}")
-        with safe_open(path, framework="pt") as f:
-            captions = json.loads(f.metadata()["captions"])
-            states, lengths, pooled = f.get_tensor("states").float(), f.get_tensor("lengths"), f.get_tensor("pooled").float()
+        try:
+            with safe_open(path, framework="pt") as f:
+                captions = json.loads(f.metadata()["captions"])
+                states, lengths, pooled = f.get_tensor("states").float(), f.get_tensor("lengths"), f.get_tensor("pooled").float()
+        except Exception as e:  # safetensors' own error types (a pickle, a truncated file), missing entries
+            from starflow.errors import CheckpointError
+
+            raise CheckpointError(f"text table {path} is not a safetensors text table: {' '.join(str(e).split())}") from None
         self.path, self.max_length, self.mode, self.gguf_file = path, int(max_length), "hidden", None
         self.source = "table:" + path
         self.cache_size = len(captions)

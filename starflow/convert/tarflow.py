@@ -15,8 +15,12 @@ import re
 import torch
 
 from starflow.config import FlowConfig
+from starflow.errors import CheckpointError, ConfigError
 from starflow.flow.model import STARFlow
 from starflow.io.hub import load_safetensors
+
+# The official Model(...) arguments a conversion cannot guess.
+REQUIRED_ARGS = ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block")
 
 _LAYER = re.compile(r"blocks\.(\d+)\.attn_blocks\.(\d+)\.(.*)")
 _BLOCK = re.compile(r"blocks\.(\d+)\.(proj_in\.weight|proj_in\.bias|proj_out\.weight|proj_out\.bias|pos_embed|class_embed)$")
@@ -63,12 +67,25 @@ def from_tarflow(checkpoint: str | dict[str, torch.Tensor], config: dict | FlowC
     ``patch_size``, ``channels``, ``num_blocks``, ``layers_per_block``, ``nvp``, ``num_classes``).
     ``prefix`` is stripped from keys; by default ``model.`` or ``module.`` is detected.
     """
+    if not isinstance(config, FlowConfig):
+        if not isinstance(config, dict):
+            raise ConfigError(f"the TARFlow config must be a JSON object, got a {type(config).__name__}")
+        missing = [k for k in REQUIRED_ARGS if k not in config]
+        if missing:
+            raise ConfigError(f"the TARFlow config lacks {missing} (needs {', '.join(REQUIRED_ARGS)})")
+        config = config_from_tarflow(**config)
+    cfg = config
     state = load_safetensors(checkpoint) if isinstance(checkpoint, str) else checkpoint
     if prefix is None:
         prefix = next((p for p in ("model.", "module.") if any(k.startswith(p + "blocks.") for k in state)), "")
-    cfg = config if isinstance(config, FlowConfig) else config_from_tarflow(**config)
     model = STARFlow(cfg)
     converted = convert_state_dict(state, prefix)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config wants {tuple(own[k].shape)})" for k, v in converted.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"TARFlow checkpoint does not fit the config: {len(wrong)} tensor(s) have the wrong "
+                              f"shape, e.g. {wrong[0]}")
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(f"TARFlow checkpoint does not fit the config {cfg}: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -9,6 +9,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from starflow.errors import LimitError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -53,6 +55,8 @@ class ImageFolderDataset(Dataset):
                 with Image.open(path) as im:
                     im.load()
                 good.append((path, label))
+            except Image.DecompressionBombError as e:
+                raise LimitError(f"training image {path} is too large to decode safely ({e})") from None
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
                 self.skipped.append(path)
                 warnings.warn(f"skipping unreadable image {path}: {e}")

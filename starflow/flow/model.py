@@ -228,6 +228,10 @@ class STARFlow(nn.Module, PretrainedMixin):
         check_guidance(guidance, guidance_rule)
         if guidance_blocks not in ("conditional", "deep"):
             raise ValueError(f"guidance_blocks must be 'conditional' or 'deep', got {guidance_blocks!r}")
+        unknown = set(sampler_kwargs) - {f.name for f in dataclasses.fields(SamplerOptions)}
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; known: temperature, size, "
+                             f"{', '.join(f.name for f in dataclasses.fields(SamplerOptions))}")
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
         cond = self.make_condition(B, y, text, z.device)
@@ -257,8 +261,8 @@ class STARFlow(nn.Module, PretrainedMixin):
         aspect-ratio bucket. Extra arguments go to ``inverse``."""
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         c = self.config
         size = tuple(size) if size is not None else (c.image_size, c.image_size)
         if size not in c.image_sizes():

@@ -55,18 +55,41 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale
     return to_pil(torch.from_numpy(grid))
 
 
+def check_finite_images(images: torch.Tensor, what: str) -> None:
+    """Raise ``NonFiniteError`` if float images hold NaN or infinity (they would be written as black)."""
+    from starflow.errors import NonFiniteError
+
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).sum()) if images.ndim > 1 else 1
+        raise NonFiniteError(f"{what}: {bad} image(s) contain NaN or infinity (the model's weights or inputs "
+                             "are broken); nothing written")
+
+
+def save_pil(image: Image.Image, path: str) -> None:
+    """Write a PIL image through the atomic writer (free space checked, never a half file)."""
+    from starflow.io.hub import atomic_write
+
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt), need=image.width * image.height * len(image.getbands()))
+
+
 def save_images(images: torch.Tensor, out: str, grid: bool = True, nrow: int | None = None,
-                scale: int = 0) -> list[str]:
+                scale: int = 0, start: int = 0) -> list[str]:
     """Save a batch as one PNG grid (``out`` is a file; tiles enlarged ``scale`` times, 0 = automatic) or
-    one PNG per image at its own size (``out`` is a folder)."""
+    one PNG per image at its own size (``out`` is a folder, files numbered from ``start``, so a large
+    batch can be saved in chunks)."""
+    from starflow.errors import check_output_dir
+
+    check_finite_images(images, f"images for {out}")
     if grid:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        make_grid(images, nrow, scale=scale).save(out)
+        save_pil(make_grid(images, nrow, scale=scale), out)
         return [out]
+    check_output_dir(out, "output folder")
     os.makedirs(out, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
-        path = os.path.join(out, f"{i:04d}.png")
-        to_pil(img).save(path)
+        path = os.path.join(out, f"{start + i:04d}.png")
+        save_pil(to_pil(img), path)
         paths.append(path)
     return paths

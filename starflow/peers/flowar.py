@@ -70,6 +70,7 @@ from einops import rearrange
 from starflow.io.hub import PretrainedMixin
 from starflow.peers.flowar_layers import ARBlock, FlowHead, LayerKV, block_causal_mask  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
+from starflow.schema import check_model_memory, check_types, transformer_params
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
 from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
@@ -113,6 +114,7 @@ class FlowARConfig:
     upsample: str = "nearest"  # next scale's AR input: "nearest" or "bicubic-area" (official)
 
     def __post_init__(self):
+        check_types(self)
         if self.sample_schedule not in ("uniform", "flowar"):
             raise ValueError(f"sample_schedule must be 'uniform' or 'flowar', got {self.sample_schedule!r}")
         if self.guidance_ramp not in GUIDANCE_RAMPS:
@@ -147,6 +149,11 @@ class FlowARConfig:
         if self.width % 4 or self.head_width % 4:
             raise ValueError("width and head_width must be divisible by 4 (2-D sin-cos positions)")
         self.timesteps()
+        tokens = sum(s * s for s in self.scales)
+        check_model_memory(transformer_params(self.width, self.depth, self.mlp_ratio)
+                           + transformer_params(self.head_width, self.head_depth, self.mlp_ratio)
+                           + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
+                           self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale)

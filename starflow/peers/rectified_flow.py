@@ -29,6 +29,7 @@ from starflow.peers.conditioning import Condition, ConditionEncoder, repeat_cond
 from starflow.peers.mmdit import MMDiT
 from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler,
                                      schedule_sigmas, uniform_sigmas)
+from starflow.schema import check_model_memory, check_types, transformer_params
 
 SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
 NULL_CONDITIONS = ("learned", "negative")
@@ -210,6 +211,7 @@ class RectifiedFlowConfig:
     dual_attention_layers: tuple = ()  # blocks with SD3.5-medium's extra image-only attention
 
     def __post_init__(self):
+        check_types(self)
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
         if self.sample_schedule not in SCHEDULES:
             raise ValueError(f"unknown sample_schedule {self.sample_schedule!r}; choose one of {SCHEDULES}")
@@ -217,7 +219,8 @@ class RectifiedFlowConfig:
             raise ValueError(f"unknown null_condition {self.null_condition!r}; choose one of {NULL_CONDITIONS}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        for name in ("in_channels", "image_size", "patch_size", "width", "depth", "heads", "sample_steps"):
+        for name in ("in_channels", "image_size", "patch_size", "width", "depth", "heads", "sample_steps",
+                     "num_class_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
@@ -225,6 +228,11 @@ class RectifiedFlowConfig:
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         self.timesteps()  # validates the sampler parameters now, not at the first training step
+        tokens = (self.image_size // self.patch_size) ** 2
+        # MM-DiT: two streams of layers (image and condition); activations of one example.
+        check_model_memory(2 * transformer_params(self.width, self.depth, self.mlp_ratio)
+                           + (self.num_classes + self.cond_dim + self.pooled_dim + tokens) * self.width,
+                           self.depth * tokens * (self.width * (4 + self.mlp_ratio) + tokens * self.heads))
 
     def timesteps(self) -> TimestepSampler:
         return TimestepSampler(self.timestep_sampler, self.logit_mean, self.logit_std, self.mode_scale, self.shift)

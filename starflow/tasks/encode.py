@@ -38,10 +38,11 @@ import torch
 from starflow.components.autoencoder import images_to_float, images_to_uint8
 from starflow.data.spaces import bin_centres, bins_to_uint8, bits_per_dim, dequantize
 from starflow.io.hub import atomic_save_safetensors
-from starflow.io.images import make_grid, to_pil
+from starflow.io.images import check_finite_images, make_grid, save_pil, to_pil
 from starflow.pipeline import StarflowPipeline
 from starflow.protocols import LikelihoodModel
 from starflow.tasks.image_files import image_size_of, load_image, notes  # noqa: F401  (kept importable here)
+from starflow.errors import NonFiniteError
 
 NOISE_FORMAT = "starflow-noise-v1"
 
@@ -246,6 +247,8 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
 
 def save_noise(path: str, z: torch.Tensor, model_dir: str | None = None, y=None, prompt=None, **extra) -> None:
     """Write z to a safetensors file; metadata records the model and the condition used."""
+    if not bool(torch.isfinite(z).all()):
+        raise NonFiniteError(f"noise for {path} contains NaN or infinity; nothing written")
     meta = {"format": NOISE_FORMAT, "model": os.path.abspath(model_dir) if model_dir else "",
             "class": json.dumps(None if y is None else torch.as_tensor(y).reshape(-1).tolist()),
             "prompt": json.dumps(prompt), "shape": json.dumps(list(z.shape))}
@@ -290,7 +293,8 @@ def save_image(images: torch.Tensor, path: str) -> None:
     """One uint8 image [C, H, W] (or a batch, saved as a grid) to a PNG."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images = _as_batch(images)
-    (to_pil(images[0]) if images.shape[0] == 1 else make_grid(images)).save(path)
+    check_finite_images(images, f"images for {path}")
+    save_pil(to_pil(images[0]) if images.shape[0] == 1 else make_grid(images), path)
 
 
 __all__ = ["as_pipeline", "space", "encode", "decode", "decode_to_model_space", "round_trip_error", "image_nll",

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import torch
 
+from starflow.errors import LimitError
+
 
 def _note(msg: str) -> None:
     warnings.warn(msg, UserWarning, stacklevel=3)
@@ -70,6 +72,8 @@ def load_image(path: str, channels: int, size: int, what: str = "image", resize:
     try:
         im = Image.open(path)
         im.load()
+    except Image.DecompressionBombError as e:
+        raise LimitError(f"{what} {path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read {what} {path}: not an image Pillow can decode ({e})") from e
     w, h = im.size
@@ -95,6 +99,8 @@ def image_size_of(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
+    except Image.DecompressionBombError as e:
+        raise LimitError(f"image {path} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
 

@@ -44,11 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from starflow.components.postprocess import denoise_and_decode
+from starflow.errors import LimitError
 from starflow.protocols import TokenFlow
 from starflow.tasks.encode import as_pipeline, check_images, condition_args, float_to_pixels, pixels_to_float
 from starflow.tasks.image_files import image_size_of, load_image
 
 BLENDS = ("paste", "decoded")
+MAX_STEPS = 1000  # resampling rounds; each is a full encode + decode, so more is a runaway request
 
 
 @dataclass
@@ -171,10 +173,10 @@ def inpaint(pipe, images: torch.Tensor, mask, y=None, prompt=None, steps: int = 
     model = pipe.model
     if not isinstance(model, TokenFlow):
         raise ValueError(f"{type(model).__name__} is not an invertible flow; inpainting needs a STARFlow model")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise LimitError(f"steps (resampling rounds) must be between 1 and {MAX_STEPS}, got {steps}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     if dilate < 0:

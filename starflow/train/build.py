@@ -39,7 +39,10 @@ def build_trainer(run: RunConfig) -> Trainer:
     else:
         _check_shape(base.image_shape, mcfg, f"dataset {tcfg.dataset!r}")
 
-    model = model_class(run.model_type)(mcfg)
+    # Seeded initialisation (same recipe and seed -> same weights) without disturbing the global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tcfg.seed)
+        model = model_class(run.model_type)(mcfg)
     condition_fn = preview = text_encoder = None
     if tcfg.text_encoder:
         from starflow.data.captioned import TextTable

@@ -7,6 +7,11 @@ resume a folder whose files do not match its manifest is skipped with a warning,
 ``.tmp-step_*`` folders of a killed save are removed. Files are fsynced before the manifest is written
 and the manifest before the rename, so the rename publishes only data that is on disk.
 
+The manifest carries a SHA-256 of its own content (``manifest_sha256``), and its ``step`` must match the
+folder's name, so an edited manifest is rejected like a corrupt file; a manifest listing no files, or
+file names outside its folder, is rejected too. Every write checks free space first and a full disk
+raises ``DiskFullError`` with the previous checkpoints untouched. Non-finite weights are never written.
+
 An FSDP checkpoint keeps its model/optimizer/EMA shards in a ``sharded/`` sub-folder written by
 ``torch.distributed.checkpoint``; those files are listed (with checksums) in the same manifest.
 """
@@ -21,11 +26,12 @@ import warnings
 
 import torch
 
-from starflow.io.hub import load_safetensors
-from safetensors.torch import save_file
+from starflow.errors import CheckpointError
+from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes, check_finite, inside, load_safetensors
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-step_"
+FULL_STEMS = ("model", "ema", "optimizer")  # the files of a full (non-sharded) training checkpoint
 
 
 def _sha256(path: str) -> str:
@@ -63,9 +69,15 @@ def new_temp_dir(root: str, step: int) -> str:
 
 
 def write_tensors(folder: str, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-    """``tensors`` maps a file stem to a state dict; one safetensors file each."""
+    """``tensors`` maps a file stem to a state dict; one safetensors file each (free space checked first)."""
     for stem, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, os.path.join(folder, f"{stem}.safetensors"))
+        atomic_save_safetensors(sd, os.path.join(folder, f"{stem}.safetensors"))
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON without its own ``manifest_sha256`` entry."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -96,10 +108,9 @@ def finalize(root: str, tmp: str, step: int, info: dict, keep_last: int) -> str:
             path = os.path.join(tmp, name)
             _fsync(path)
             files[name.replace(os.sep, "/")] = _sha256(path)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"step": step, "files": files, **info}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        manifest = {"step": step, "files": files, **info}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        atomic_write_bytes(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
         aside = None
         if os.path.exists(final):  # same step written again (after a rollback): swap, then delete the old
             aside = tmp + "-old"
@@ -117,6 +128,8 @@ def finalize(root: str, tmp: str, step: int, info: dict, keep_last: int) -> str:
 
 def save_checkpoint(root: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], info: dict, keep_last: int) -> str:
     """Write ``root/step_XXXXXXX`` atomically; ``tensors`` maps a file stem to a state dict."""
+    for stem, sd in tensors.items():
+        check_finite(sd, f"checkpoint of step {step} ({stem})")
     tmp = new_temp_dir(root, step)
     try:
         write_tensors(tmp, tensors)
@@ -163,33 +176,51 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def read_manifest(path: str) -> dict:
+    """The manifest of checkpoint folder ``path``, checked for shape, its own checksum and its step.
+
+    Manifests written before the self-checksum existed are accepted (their step is still checked)."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
-        raise ValueError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
-    with open(mpath) as f:
-        manifest = json.load(f)
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt {MANIFEST}: {e}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
-        raise ValueError(f"{path}: {MANIFEST} lacks 'step' or 'files'")
+        raise CheckpointError(f"{path}: {MANIFEST} lacks 'step' or 'files'")
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+        raise CheckpointError(f"{path}: {MANIFEST} was modified after it was written (its checksum does not match)")
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("step_") and name[5:].isdigit() and manifest["step"] != int(name[5:]):
+        raise CheckpointError(f"{path}: {MANIFEST} says step {manifest['step']!r}, the folder says {int(name[5:])}")
+    if not manifest["files"]:
+        raise CheckpointError(f"{path}: {MANIFEST} lists no files")
     return manifest
 
 
-def verify(path: str) -> dict:
-    """Return the manifest if every file is present and matches its checksum; raise otherwise."""
+def verify(path: str, required: tuple[str, ...] = ()) -> dict:
+    """Return the manifest if every file is present and matches its checksum and the manifest lists the
+    ``required`` file stems (e.g. ``FULL_STEMS``); raise ``CheckpointError`` otherwise."""
     manifest = read_manifest(path)
     for name, digest in manifest["files"].items():
-        fpath = os.path.join(path, name)
-        if not os.path.exists(fpath) or _sha256(fpath) != digest:
-            raise ValueError(f"{path}: {name} is missing or does not match its checksum")
+        fpath = inside(path, name, f"{path}/{MANIFEST}")
+        if not os.path.isfile(fpath) or _sha256(fpath) != digest:
+            raise CheckpointError(f"{path}: {name} is missing or does not match its checksum")
+    if required and manifest.get("format", "full") == "full":
+        missing = [f"{stem}.safetensors" for stem in required if f"{stem}.safetensors" not in manifest["files"]]
+        if missing:
+            raise CheckpointError(f"{path}: {MANIFEST} does not list {missing}")
     return manifest
 
 
-def latest_valid(root: str, quarantine: bool = False) -> str | None:
+def latest_valid(root: str, quarantine: bool = False, required: tuple[str, ...] = ()) -> str | None:
     """The newest checkpoint whose files all match its manifest; corrupt or partial ones are skipped with a
     warning, and with ``quarantine`` renamed to ``.corrupt-step_*`` so they are kept for inspection but
     never listed again."""
     for path in reversed(list_checkpoints(root)):
         try:
-            verify(path)
+            verify(path, required)
             return path
         except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             warnings.warn(f"skipping corrupt checkpoint: {e}")
@@ -200,10 +231,10 @@ def latest_valid(root: str, quarantine: bool = False) -> str | None:
     return None
 
 
-def load_checkpoint(path: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+def load_checkpoint(path: str, required: tuple[str, ...] = ()) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(manifest, {stem: state dict}) for the top-level safetensors files, after verifying every checksum.
     A sharded (FSDP) checkpoint's ``sharded/`` folder is read by ``distributed.load_sharded`` instead."""
-    manifest = verify(path)
+    manifest = verify(path, required)
     tensors = {name[: -len(".safetensors")]: load_safetensors(os.path.join(path, name))
                for name in manifest["files"] if "/" not in name and name.endswith(".safetensors")}
     return manifest, tensors

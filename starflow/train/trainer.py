@@ -15,11 +15,14 @@ Fault handling: SIGTERM/SIGINT ask the loop to stop; all ranks agree on it at th
 checkpoint of the step reached and raise ``TrainingInterrupted``. Checkpoints are atomic and
 checksummed (checkpoint.py); ``resume="auto"`` removes half-written temp folders and skips (and
 quarantines) corrupt ones. A non-finite loss or gradient skips the step; K in a row roll back to the
-last good checkpoint with the learning rate halved.
+last good checkpoint with the learning rate halved, and ``max_rollbacks`` rollbacks without a checkpoint
+saved in between stop the run with ``TrainingError`` (a NaN that comes from the data never goes away). A
+run that ends inside a streak of skipped steps is not exported (export.py guards the export itself).
+An exclusive lock on ``out_dir/train.lock`` keeps a second trainer out of the same folder.
 """
 from __future__ import annotations
 
-import inspect
+import fcntl
 import json
 import math
 import os
@@ -31,16 +34,16 @@ import warnings
 from dataclasses import asdict
 
 import torch
-import yaml
 
 from starflow.config import TrainConfig
-from starflow.data.spaces import add_dequantization_noise
-from starflow.io.images import save_images
+from starflow.errors import TrainingError, as_output_error, check_output_dir
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
+from starflow.train.batches import BatchMixin
 from starflow.train.ema import make_ema
-from starflow.train.schedule import warmup_cosine
+from starflow.train.export import ExportMixin
 from starflow.train.progress import Progress
+from starflow.train.schedule import warmup_cosine
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -71,7 +74,7 @@ def _rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
-class Trainer:
+class Trainer(BatchMixin, ExportMixin):
     def __init__(self, model: torch.nn.Module, dataset, cfg: TrainConfig, condition_fn=None, preview=None,
                  pipeline_factory=None):
         """``condition_fn(labels) -> kwargs`` for ``model.loss`` (default: class labels when the model has
@@ -123,6 +126,7 @@ class Trainer:
         self._signal: int | None = None      # set by the SIGTERM/SIGINT handler
         self._stop_agreed = False            # every rank has seen a stop request (set in train_step)
         self._last_saved: int | None = None
+        self._rollbacks = 0                  # rollbacks since the last checkpoint saved
 
     @property
     def is_main(self) -> bool:
@@ -139,52 +143,6 @@ class Trainer:
         from starflow.pipeline import StarflowPipeline
 
         return self.pipeline_factory(model) if self.pipeline_factory else StarflowPipeline(model)
-
-    # ---- data ------------------------------------------------------------------------------
-    def batch_indices(self, step: int) -> torch.Tensor:
-        """Indices of the global batch of ``step``."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if hasattr(self.dataset, "epoch_batches"):
-            return self.dataset.epoch_batches(self.cfg.batch_size, self.cfg.seed, epoch)[i]
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-        return perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-
-    def _draws_cond_drop(self) -> bool:
-        """Whether the trainer draws the condition-dropout mask (models whose ``loss`` takes ``cond_drop``)."""
-        c = self.model.config
-        if not (getattr(c, "conditional", False) and getattr(c, "cond_drop_prob", 0) > 0):
-            return False
-        return "cond_drop" in inspect.signature(self.model_class.loss).parameters
-
-    def get_batch(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """This rank's micro-batches of the global batch of ``step``: ``[(x, y, cond_drop or None), ...]``.
-
-        Random numbers are drawn from the global RNG for all ``batch_size`` rows in a fixed order
-        (dequantisation noise, noise augmentation, condition-dropout mask) and sliced, so row j gets the
-        same numbers on any world size. Call after seeding the global RNG."""
-        B, A, mb = self.cfg.batch_size, self.cfg.grad_accum_steps, self.micro_batch
-        lo = self.dist.rank * A * mb
-        idx = self.batch_indices(step)[lo:lo + A * mb]
-        if hasattr(self.dataset, "get_batch"):
-            x, y = self.dataset.get_batch(idx)
-        else:
-            items = [self.dataset[int(i)] for i in idx]
-            x = torch.stack([it[0] for it in items])
-            y = torch.stack([torch.as_tensor(it[1]) for it in items])
-        x, y = x.to(self.device), y.to(self.device)
-        shape = (B, *x.shape[1:])
-        rows = slice(lo, lo + A * mb)
-        if x.dtype == torch.uint8:  # uniform dequantisation, as starflow.data.spaces.dequantize
-            x = add_dequantization_noise(x, torch.rand(shape, device=self.device)[rows])
-        else:
-            x = x.float()
-        if self.cfg.noise_std > 0:
-            x = x + self.cfg.noise_std * torch.randn(shape, device=self.device)[rows]
-        drop = None
-        if self._draws_cond_drop():
-            drop = (torch.rand(B, device=self.device) < self.model.config.cond_drop_prob)[rows]
-        return [(x[m * mb:(m + 1) * mb], y[m * mb:(m + 1) * mb], None if drop is None else drop[m * mb:(m + 1) * mb])
-                for m in range(A)]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _info(self) -> dict:
@@ -207,6 +165,7 @@ class Trainer:
                                              "optimizer": opt_tensors},
                                             {**self._info(), "optimizer": opt_rest}, self.cfg.keep_last)
         self._last_saved = self.step
+        self._rollbacks = 0
         return dist_utils.broadcast_object(path, self.dist)
 
     def load(self, path: str) -> None:
@@ -218,7 +177,7 @@ class Trainer:
                                  "'fsdp'; resume it with DDP or one process")
             dist_utils.load_sharded(os.path.join(path, "sharded"), self.model, self.opt, self.ema)
         else:
-            manifest, tensors = ckpt.load_checkpoint(path)
+            manifest, tensors = ckpt.load_checkpoint(path, ckpt.FULL_STEMS)
             if manifest.get("format", "full") != "full":
                 raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it under torchrun with "
                                  "train.distributed: fsdp (any world size)")
@@ -228,10 +187,15 @@ class Trainer:
         self.step = manifest["step"]
         self.lr_scale = manifest.get("lr_scale", 1.0)
         self._last_saved = self.step
+        saved_batch = (manifest.get("train_config") or {}).get("batch_size")
+        if self.is_main and saved_batch not in (None, self.cfg.batch_size):
+            warnings.warn(f"{path} was trained with batch_size {saved_batch}, this run uses {self.cfg.batch_size}: "
+                          "the resumed run will not match an uninterrupted one")
 
     def _latest(self) -> str | None:
         """Rank 0 picks the newest valid checkpoint (corrupt ones quarantined); every rank gets its path."""
-        path = ckpt.latest_valid(self.ckpt_dir, quarantine=True) if self.is_main else None
+        required = () if self.sharded else ckpt.FULL_STEMS
+        path = ckpt.latest_valid(self.ckpt_dir, quarantine=True, required=required) if self.is_main else None
         return dist_utils.broadcast_object(path, self.dist)
 
     def resume(self, resume: str | None) -> None:
@@ -264,42 +228,6 @@ class Trainer:
                 if f.read(1) != b"\n":
                     line = "\n" + line
             f.write(line.encode())
-
-    def _export_module(self) -> torch.nn.Module | None:
-        """The EMA model as a plain module on rank 0 (None elsewhere). Under FSDP its shards are gathered
-        (a collective every rank must enter)."""
-        if not self.sharded:
-            return self.ema.module if self.is_main else None
-        full = dist_utils.full_state_on_rank0(self.ema.module)
-        if not self.is_main:
-            return None
-        plain = self.model_class(self.model.config)
-        plain.load_state_dict(full)
-        return plain.to(self.device).eval()
-
-    def save_samples(self) -> None:
-        module = self._export_module()
-        if self.is_main:
-            pipe = self.pipeline(module)
-            kwargs = dict(self.preview)
-            n = len(kwargs["y"]) if "y" in kwargs else len(kwargs["prompt"]) if "prompt" in kwargs else 16
-            if "y" in kwargs:
-                kwargs["y"] = kwargs["y"].to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                images = pipe.sample(n, generator=torch.Generator(self.device).manual_seed(0), device=self.device, **kwargs)
-            save_images(images, os.path.join(self.cfg.out_dir, "samples", f"step_{self.step:07d}.png"))
-        self.model.train()
-        dist_utils.barrier(self.dist)
-
-    def export(self) -> str:
-        out = os.path.join(self.cfg.out_dir, "model")
-        module = self._export_module()
-        if self.is_main:
-            self.pipeline(module).save_pretrained(out)
-            with open(os.path.join(out, "train_config.yaml"), "w") as f:
-                yaml.safe_dump({"train": asdict(self.cfg)}, f, sort_keys=False)
-        dist_utils.barrier(self.dist)
-        return out
 
     # ---- the loop ----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -359,11 +287,37 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
+        lock = self._lock() if self.is_main else None
         try:
             return self._train(resume)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if lock is not None:
+                lock.close()  # releases the flock
+
+    def _lock(self):
+        """Hold an exclusive lock on ``out_dir/train.lock`` for the run (released when the process ends,
+        even by SIGKILL), so a second trainer cannot write into the same folder."""
+        check_output_dir(self.cfg.out_dir, "train.out_dir")
+        path = os.path.join(self.cfg.out_dir, "train.lock")
+        try:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+            f = open(path, "a+")
+        except OSError as e:
+            raise as_output_error(e, path) from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise TrainingError(f"{self.cfg.out_dir} is in use by another trainer (pid {holder}); "
+                                "wait for it or pick another --out-dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
 
     def _train(self, resume: str | None) -> str:
         self._signal, self._stop_agreed = None, False
@@ -404,6 +358,10 @@ class Trainer:
             if self._stop_agreed or (not self.dist.enabled and self._signal is not None):
                 self._stop()
         bar.close()
+        if bad_in_a_row:
+            raise TrainingError(f"the run ended inside a streak of {bad_in_a_row} non-finite step(s) (last step "
+                                f"{self.step}); not exported. Resume from {self._latest()} with a lower train.lr "
+                                "or more steps")
         return self.export()
 
     def _stop(self) -> None:
@@ -416,10 +374,16 @@ class Trainer:
     def rollback(self) -> None:
         path = self._latest()
         if path is None:
-            raise RuntimeError(f"{self.cfg.max_nonfinite_in_a_row} non-finite steps in a row and no checkpoint to roll back to")
+            raise TrainingError(f"{self.cfg.max_nonfinite_in_a_row} non-finite steps in a row and no checkpoint to roll back to")
+        if self._rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingError(f"training diverged: {self.cfg.max_nonfinite_in_a_row} non-finite steps in a row "
+                                f"again after {self._rollbacks} rollback(s) to {path} (learning rate x{self.lr_scale}); "
+                                "the data or the config produces NaN (check train.noise_std, train.lr, the dataset)")
+        rollbacks = self._rollbacks + 1
         lr_scale = self.lr_scale * 0.5
         self.load(path)
         self.lr_scale = lr_scale
+        self._rollbacks = rollbacks
         if self.is_main:
             warnings.warn(f"rolled back to {path} (step {self.step}) with learning rate x{self.lr_scale}")
         self.log({"step": self.step, "event": "rollback", "checkpoint": path, "lr_scale": self.lr_scale})
