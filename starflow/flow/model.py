@@ -16,7 +16,8 @@ from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
 from starflow.io.hub import PretrainedMixin
-from starflow.flow.sampling import SamplerOptions, invert_block
+from starflow.flow.sampling import SamplerOptions, SamplingStats, invert_block
+from starflow.flow.selective_jacobi import PLAN_SAMPLERS, block_options, load_calibration, resolve_plan, save_calibration
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -158,25 +159,55 @@ class STARFlow(nn.Module, PretrainedMixin):
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
-                sampler: str = "sequential", **sampler_kwargs) -> torch.Tensor:
-        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional block is guided."""
+                sampler: str = "sequential", plan: list[str] | None = None, tolerance: float | None = None,
+                return_stats: bool = False, **sampler_kwargs):
+        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional block is guided.
+
+        ``sampler`` names one way for every block, or a per-block plan sampler (selective, segment,
+        auto; see starflow.flow.selective_jacobi) resolved from the model's stored calibration; ``plan``
+        gives the per-block choices directly. ``tolerance`` (auto and the calibrated plans): use a stored
+        plan only if it was calibrated at least this tight. ``return_stats``: also return SamplingStats."""
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
         check_guidance(guidance, guidance_rule)
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
+        T = len(self.blocks)
+        if plan is None and sampler in PLAN_SAMPLERS:
+            plan = resolve_plan(sampler, T, getattr(self, "sampling_calibration", None), B, z.device, tolerance)
+        if plan is not None and len(plan) != T:
+            raise ValueError(f"a plan needs one entry per block ({T}), got {len(plan)}")
+        per_block = [opts] * T if plan is None else [block_options(c, opts) for c in plan]
         cond = self.make_condition(B, y, text, z.device)
         guided = guidance > 0 and cond is not None
         if guided:
             cond = cond.cat(cond.null())
         h = self.patchify(_at_least_fp32(z))
-        self.last_jacobi_iterations = []  # sweeps per block window, for benchmarks and tests
-        for block in reversed(self.blocks):
+        iterations = [[] for _ in range(T)]
+        for b in reversed(range(T)):
+            block = self.blocks[b]
             use = cond if block.conditional else None
             rows = 2 * B if (guided and block.conditional) else B
             ctx = block.context(use, rows, z.device, pos)
-            h = invert_block(block, h, ctx, guided and block.conditional, opts, self.last_jacobi_iterations)
-        return self.unpatchify(h, grid)
+            h = invert_block(block, h, ctx, guided and block.conditional, per_block[b], iterations[b])
+        # sweeps per block window in sampling order, for benchmarks and tests
+        self.last_jacobi_iterations = [it for b in reversed(range(T)) for it in iterations[b]]
+        x = self.unpatchify(h, grid)
+        if return_stats:
+            return x, SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
+        return x
+
+    # ---- sampling calibration (selective / segment / auto samplers) --------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location="cpu"):
+        model = super().from_pretrained(directory, map_location)
+        model.sampling_calibration = load_calibration(directory)  # None when the folder has none
+        return model
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        super().save_pretrained(directory, dtype)
+        if getattr(self, "sampling_calibration", None) is not None:
+            save_calibration(self.sampling_calibration, directory)
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.guidance import guide
 
-SAMPLERS = ("sequential", "jacobi", "naive")
+# Every sampler name, the one list the CLI and the options check read. The per-block plan samplers
+# (selective, segment, auto) are resolved to per-block choices in starflow.flow.selective_jacobi.
+SAMPLERS = ("sequential", "jacobi", "naive", "selective", "segment", "auto")
+
+
+@dataclass
+class SamplingStats:
+    """What one ``STARFlow.inverse`` call did: the per-block plan and Jacobi sweeps per window
+    (index = block index; sequential blocks have no sweeps)."""
+    plan: list[str]
+    iterations: list[list[int]]
 
 
 @dataclass

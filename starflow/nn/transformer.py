@@ -48,14 +48,22 @@ def norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
-def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+# Returned by ``attention_mask`` for a plain causal square (training, likelihoods): attention then runs
+# with ``is_causal=True`` and no mask tensor, which lets GPU flash/efficient kernels take it.
+CAUSAL = "causal"
+
+
+def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | str | None:
     """Boolean mask [B or 1, 1, q_len, q_start+q_len]: causal, and padding keys (key_valid False) hidden.
 
     A position may always see itself, so a padded query never has an empty row (no NaN). None when
-    nothing is hidden (one new token, no padding): the cheap path of cached decoding.
+    nothing is hidden (one new token, no padding): the cheap path of cached decoding. ``CAUSAL`` when
+    the mask would be exactly lower-triangular (queries from position 0, no padding).
     """
     if q_len == 1 and key_valid is None:
         return None
+    if q_start == 0 and key_valid is None:
+        return CAUSAL
     k_len = q_start + q_len
     q_pos = torch.arange(q_start, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
@@ -85,7 +93,10 @@ class Attention(nn.Module):
         q, k = self.q_norm(qkv[0]).to(v.dtype), self.k_norm(qkv[1]).to(v.dtype)
         if cache is not None:
             k, v = cache.write(k, v, start)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, str):  # CAUSAL
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
 
     def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
