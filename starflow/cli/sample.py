@@ -5,6 +5,7 @@ import argparse
 import time
 
 from starflow.cli.common import add_device_arg, add_threads_arg, apply_threads, resolve_device
+from starflow.flow.sampling import SAMPLERS
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 (0 = unguided)")
     p.add_argument("--guidance-rule", default="starflow", choices=["starflow", "tarflow", "tarflow-annealed"])
-    p.add_argument("--sampler", default="sequential", choices=["sequential", "jacobi"])
+    p.add_argument("--sampler", default="sequential", choices=SAMPLERS)
     p.add_argument("--jacobi-threshold", type=float, default=1e-3)
     p.add_argument("--jacobi-window", type=int, default=0, help="tokens per Jacobi window (0 = whole block)")
     p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")
@@ -42,6 +43,8 @@ def sampling_kwargs(args, pipe) -> dict:
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
     if args.sampler == "jacobi":
         kw.update(jacobi_threshold=args.jacobi_threshold, jacobi_window=args.jacobi_window)
+    elif args.sampler in ("selective", "segment"):  # auto uses the calibrated threshold
+        kw.update(jacobi_threshold=args.jacobi_threshold)
     if args.aspect:
         from starflow.data.buckets import nearest_bucket, parse_aspect
 

@@ -5,6 +5,7 @@ deep-shallow (STARFlow) stack it is the deep block and the only one that reads t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -174,7 +175,9 @@ class STARFlow(nn.Module, PretrainedMixin):
         B = z.shape[0]
         T = len(self.blocks)
         if plan is None and sampler in PLAN_SAMPLERS:
-            plan = resolve_plan(sampler, T, getattr(self, "sampling_calibration", None), B, z.device, tolerance)
+            plan, threshold = resolve_plan(sampler, T, getattr(self, "sampling_calibration", None), B, z.device, tolerance)
+            if threshold is not None:  # auto runs its plan as it was verified
+                opts = dataclasses.replace(opts, jacobi_threshold=threshold)
         if plan is not None and len(plan) != T:
             raise ValueError(f"a plan needs one entry per block ({T}), got {len(plan)}")
         per_block = [opts] * T if plan is None else [block_options(c, opts) for c in plan]

@@ -108,20 +108,21 @@ def load_calibration(directory: str) -> Calibration | None:
 
 
 def resolve_plan(sampler: str, num_blocks: int, cal: Calibration | None, batch: int, device,
-                 tolerance: float | None = None) -> list[str]:
-    """The per-block plan (index = block index) a plan sampler uses for this batch size and device."""
+                 tolerance: float | None = None) -> tuple[list[str], float | None]:
+    """The per-block plan (index = block index) a plan sampler uses for this batch size and device, and
+    the Jacobi threshold it was calibrated with (None: the caller's threshold applies)."""
     if sampler not in PLAN_SAMPLERS:
         raise ValueError(f"{sampler!r} is not a plan sampler ({', '.join(PLAN_SAMPLERS)})")
-    usable = cal is not None and cal.plans and (tolerance is None or tolerance >= cal.tolerance)
+    usable = cal is not None and bool(cal.plans) and (tolerance is None or tolerance >= cal.tolerance)
     if sampler == "auto":
         if not usable or cal.device != device_name(device):
-            return [SEQUENTIAL] * num_blocks  # nothing measured here: the exact sampler
-        return list(cal.plans[cal.nearest_batch(batch)]["auto"]["plan"])
+            return [SEQUENTIAL] * num_blocks, None  # nothing measured here: the exact sampler
+        return list(cal.plans[cal.nearest_batch(batch)]["auto"]["plan"]), cal.threshold
     if not usable:
         if sampler == "segment":
             raise ValueError("the segment sampler needs a sampling calibration (see starflow.flow.selective_jacobi.calibrate)")
-        return default_selective(num_blocks)
-    return list(cal.plans[cal.nearest_batch(batch)][sampler]["plan"])
+        return default_selective(num_blocks), None
+    return list(cal.plans[cal.nearest_batch(batch)][sampler]["plan"]), None
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -180,7 +181,8 @@ def calibrate(model, images: torch.Tensor, tolerance: float = 1e-3, threshold: f
         for s in range(0, N, chunk):
             x, stats = model.inverse(z[s:s + chunk], plan=plan, return_stats=True, jacobi_threshold=threshold,
                                      **_cond_rows(cond_kw, s, s + chunk))
-            err = max(err, (x - reference[s:s + chunk]).abs().max().item())
+            d = (x - reference[s:s + chunk]).abs().max().item()
+            err = max(err, d if math.isfinite(d) else math.inf)  # a diverged Jacobi run (NaN) never passes
             for b, it in enumerate(stats.iterations):
                 sweeps[b].extend(it)
         return err, [sum(v) / len(v) if v else 0.0 for v in sweeps]
