@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from starflow.flow.sampling import SamplerOptions
+from starflow.flow.sampling import SamplerOptions, invert_block
 
 PLAN_SAMPLERS = ("selective", "segment", "auto")
 CALIBRATION_NAME = "sampling_calibration.json"
@@ -126,25 +126,19 @@ def resolve_plan(sampler: str, num_blocks: int, cal: Calibration | None, batch: 
 
 
 # ---- calibration ------------------------------------------------------------------------------
-def _blocks_inputs(model, z, cond_kw):
-    """Inputs of each block's inverse (index = block index) for noise z, from the sequential sampler."""
-    from starflow.flow.sampling import invert_block
-
-    pos = model.positions(model.check_input(z), z.device)
-    cond = model.make_condition(z.shape[0], device=z.device, **cond_kw)
-    h = model.patchify(z)
+def _invert_from(model, h, top: int, plan, base: SamplerOptions, pos, cond, iterations=None):
+    """Invert blocks top..0 of the stack (tokens h [B, L, D]) with the plan's per-block choices, unguided.
+    Returns the inputs each block received (index = block index; None above ``top``) and the output."""
     inputs = [None] * len(model.blocks)
-    for b in reversed(range(len(model.blocks))):
+    for b in range(top, -1, -1):
         block = model.blocks[b]
         inputs[b] = h
-        ctx = block.context(cond if block.conditional else None, h.shape[0], z.device, pos)
-        h = invert_block(block, h, ctx, False, SamplerOptions())
-    return inputs, pos, cond
+        ctx = block.context(cond if block.conditional else None, h.shape[0], h.device, pos)
+        h = invert_block(block, h, ctx, False, block_options(plan[b], base), None if iterations is None else iterations[b])
+    return inputs, h
 
 
 def _time_block(model, b, h, pos, cond, opts, repeats):
-    from starflow.flow.sampling import invert_block
-
     block = model.blocks[b]
     sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
     best = float("inf")
@@ -175,19 +169,31 @@ def calibrate(model, images: torch.Tensor, tolerance: float = 1e-3, threshold: f
     base = SamplerOptions(jacobi_threshold=threshold)
     choices = [SEQUENTIAL, "jacobi"] + [choice_key("jacobi", w) for w in segment_windows(L)]
 
+    # Sequential pass over the set, in chunks: every block's input and the reference output.
+    T_all = [SEQUENTIAL] * T
+    pos = model.positions(model.check_input(z), z.device)
+    chunks = []
+    for s in range(0, N, chunk):
+        cond = model.make_condition(min(chunk, N - s), device=z.device, **_cond_rows(cond_kw, s, s + chunk))
+        inputs, out = _invert_from(model, model.patchify(z[s:s + chunk]), T - 1, T_all, base, pos, cond)
+        chunks.append((inputs, out, cond))
+
     def run(plan):
-        """Max |dx| from the sequential samples over the calibration set, and mean sweeps per block."""
+        """Max |dx| of a plan from the sequential samples over the calibration set, and mean sweeps per
+        block. Blocks above the first non-sequential one match the reference, so it starts there."""
+        top = max((b for b, c in enumerate(plan) if c != SEQUENTIAL), default=-1)
+        if top < 0:
+            return 0.0, [0.0] * T
         err, sweeps = 0.0, [[] for _ in range(T)]
-        for s in range(0, N, chunk):
-            x, stats = model.inverse(z[s:s + chunk], plan=plan, return_stats=True, jacobi_threshold=threshold,
-                                     **_cond_rows(cond_kw, s, s + chunk))
-            d = (x - reference[s:s + chunk]).abs().max().item()
+        for inputs, ref, cond in chunks:
+            its = [[] for _ in range(T)]
+            _, out = _invert_from(model, inputs[top], top, plan, base, pos, cond, its)
+            d = (out - ref).abs().max().item()  # tokens: the same numbers as the image's pixels
             err = max(err, d if math.isfinite(d) else math.inf)  # a diverged Jacobi run (NaN) never passes
-            for b, it in enumerate(stats.iterations):
-                sweeps[b].extend(it)
+            for b in range(T):
+                sweeps[b].extend(its[b])
         return err, [sum(v) / len(v) if v else 0.0 for v in sweeps]
 
-    reference = torch.cat([model.inverse(z[s:s + chunk], **_cond_rows(cond_kw, s, s + chunk)) for s in range(0, N, chunk)])
     block_error = [{SEQUENTIAL: 0.0} for _ in range(T)]
     block_sweeps = [{SEQUENTIAL: 0.0} for _ in range(T)]
     for b in range(T):
@@ -201,7 +207,8 @@ def calibrate(model, images: torch.Tensor, tolerance: float = 1e-3, threshold: f
     for B in batches:
         Bn = min(B, N)
         kw = _cond_rows(cond_kw, 0, Bn)
-        inputs, pos, cond = _blocks_inputs(model, z[:Bn], kw)
+        cond = model.make_condition(Bn, device=z.device, **kw)
+        inputs, _ = _invert_from(model, model.patchify(z[:Bn]), T - 1, T_all, base, pos, cond)
         times[str(B)] = [{c: _time_block(model, b, inputs[b], pos, cond, block_options(c, base), repeats)
                           for c in choices} for b in range(T)]
 
