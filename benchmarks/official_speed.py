@@ -120,7 +120,8 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--perturb", type=float, default=0.01)
-    p.add_argument("--calibration-images", type=int, default=128)
+    p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--calibration-batch-sizes", default="1,32", help="auto uses the nearest calibrated batch")
     p.add_argument("--mnist", default=None, help="MNIST model directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the rows here")
@@ -141,7 +142,8 @@ def main(argv=None):
             y = torch.arange(n) % 10
             t = time.perf_counter()
             images = torch.cat([ours.sample(min(64, n - s), y=y[s:s + 64], generator=g) for s in range(0, n, 64)])
-            ours.sampling_calibration = calibrate(ours, images, batches=batches, repeats=1, y=y)
+            cal_batches = [int(b) for b in args.calibration_batch_sizes.split(",")]
+            ours.sampling_calibration = calibrate(ours, images, batches=cal_batches, repeats=1, y=y)
             notes["tarflow_calibration_s"] = time.perf_counter() - t
             notes["tarflow_calibration"] = {b: {k: v["plan"] for k, v in p_.items()} for b, p_ in ours.sampling_calibration.plans.items()}
             print(f"tarflow calibration ({n} own samples, {notes['tarflow_calibration_s']:.0f} s): {notes['tarflow_calibration']}")
