@@ -13,9 +13,9 @@ Two models:
   cannot build this layout, so it is timed for the starflow samplers only, against our sequential
   sampler; its stored calibration (if any) drives selective / segment / auto.
 
-For every batch size every sampler is timed in turn, repeatedly (best of ``--repeats``), so the
-machine's load hits all of them alike. max|dx| is against the official output (tarflow) or our
-sequential output (mnist). Figures are ratios within this run; absolute numbers move with the load.
+For every batch size every sampler is timed in turn, repeatedly (best of ``--repeats`` rounds, three
+times as many below batch 32), so the machine's load hits all of them alike. max|dx| is against the
+official output (tarflow) or our sequential output (mnist). Figures are ratios within this run; absolute numbers move with the load.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def bench_model(label, model, official, batch_sizes, repeats, naive_max, guided_
         if B > naive_max:
             fns.pop("naive")
         best, outs = {k: float("inf") for k in fns}, {}
-        for r in range(repeats + 1):  # round 0 warms up every method
+        rounds = repeats if B >= 32 else 3 * repeats  # small batches are quick and the noisiest
+        for r in range(rounds + 1):  # round 0 warms up every method
             for name, fn in fns.items():
                 _sync()
                 t = time.perf_counter()
