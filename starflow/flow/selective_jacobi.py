@@ -170,12 +170,12 @@ def calibrate(model, images: torch.Tensor, tolerance: float = 1e-3, threshold: f
     choices = [SEQUENTIAL, "jacobi"] + [choice_key("jacobi", w) for w in segment_windows(L)]
 
     # Sequential pass over the set, in chunks: every block's input and the reference output.
-    T_all = [SEQUENTIAL] * T
+    all_sequential = [SEQUENTIAL] * T
     pos = model.positions(model.check_input(z), z.device)
     chunks = []
     for s in range(0, N, chunk):
         cond = model.make_condition(min(chunk, N - s), device=z.device, **_cond_rows(cond_kw, s, s + chunk))
-        inputs, out = _invert_from(model, model.patchify(z[s:s + chunk]), T - 1, T_all, base, pos, cond)
+        inputs, out = _invert_from(model, model.patchify(z[s:s + chunk]), T - 1, all_sequential, base, pos, cond)
         chunks.append((inputs, out, cond))
 
     def run(plan):
@@ -208,7 +208,7 @@ def calibrate(model, images: torch.Tensor, tolerance: float = 1e-3, threshold: f
         Bn = min(B, N)
         kw = _cond_rows(cond_kw, 0, Bn)
         cond = model.make_condition(Bn, device=z.device, **kw)
-        inputs, _ = _invert_from(model, model.patchify(z[:Bn]), T - 1, T_all, base, pos, cond)
+        inputs, _ = _invert_from(model, model.patchify(z[:Bn]), T - 1, all_sequential, base, pos, cond)
         times[str(B)] = [{c: _time_block(model, b, inputs[b], pos, cond, block_options(c, base), repeats)
                           for c in choices} for b in range(T)]
 
