@@ -7,6 +7,7 @@ import time
 
 from starflow.cli.common import (add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
                                  model_spec, resolve_device)
+from starflow.flow.samplers import SAMPLERS
 
 # Options whose default comes from the model (model_index.json "sampling"), else from the library.
 MODEL_DEFAULTED = ("guidance", "temperature", "sampler", "guidance_rule")
@@ -29,9 +30,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-rule", choices=["starflow", "tarflow", "tarflow-annealed"],
                    help=f"how guidance mixes the conditional and unconditional flows "
                         f"(default: {sampling_help('guidance_rule', 'starflow')})")
-    p.add_argument("--sampler", choices=["sequential", "jacobi", "diffusers"],
+    p.add_argument("--sampler", choices=[*SAMPLERS, "diffusers"],
                    help="sequential: one token at a time (fastest on a CPU); jacobi: parallel fixed-point "
-                        "iterations (pays off on a GPU); diffusers: rectified-flow models only, the loop run by "
+                        "iterations; selective/segment/auto: per-block plans from the model's stored calibration; diffusers: rectified-flow models only, the loop run by "
                         "diffusers' FlowMatchEulerDiscreteScheduler "
                         f"(default: {sampling_help('sampler', 'sequential')})")
     p.add_argument("--jacobi-threshold", type=float, default=1e-3, help="Jacobi convergence threshold")
@@ -74,12 +75,14 @@ def sampling_kwargs(args, pipe) -> dict:
     if args.sampler == "diffusers" and model_type != "rectified-flow":
         raise ValueError("--sampler diffusers is for rectified-flow models")
     if model_type != "starflow":
-        if args.aspect or args.sampler == "jacobi":
-            raise ValueError(f"{model_type} models take neither --aspect nor --sampler jacobi")
+        if args.aspect or args.sampler not in ("sequential", "diffusers"):
+            raise ValueError(f"{model_type} models take neither --aspect nor a flow --sampler ({args.sampler})")
         return {"guidance": args.guidance, **({"sampler": "diffusers"} if args.sampler == "diffusers" else {})}
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
     if args.sampler == "jacobi":
         kw.update(jacobi_threshold=args.jacobi_threshold, jacobi_window=args.jacobi_window)
+    elif args.sampler in ("selective", "segment"):  # auto uses the calibrated threshold
+        kw.update(jacobi_threshold=args.jacobi_threshold)
     if args.aspect:
         from starflow.data.buckets import nearest_bucket, parse_aspect
 

@@ -21,7 +21,8 @@ from starflow.flow.condition import Condition
 from starflow.flow.guidance import check_guidance
 from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
 from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
-from starflow.flow.sampling import SamplerOptions, invert_block
+from starflow.flow.sampling import SamplerOptions, SamplingStats, invert_block
+from starflow.flow.selective_jacobi import PLAN_SAMPLERS, block_options, load_calibration, resolve_plan, save_calibration
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -78,6 +79,8 @@ class STARFlow(nn.Module, PretrainedMixin):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_weights(state, directory, max_shard_bytes)
+        if getattr(self, "sampling_calibration", None) is not None:  # selective / segment / auto samplers
+            save_calibration(self.sampling_calibration, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -103,6 +106,7 @@ class STARFlow(nn.Module, PretrainedMixin):
             return v.to(own[k].dtype if dtype is None or k == "prior_var" else dtype)
 
         model.load_state_dict({k: cast(k, v) for k, v in state.items()}, assign=True)
+        model.sampling_calibration = load_calibration(directory)  # None when the folder has none
         return model.to(map_location)
 
     # ---- shapes ----------------------------------------------------------------------------
@@ -219,10 +223,16 @@ class STARFlow(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
                 sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
-                **sampler_kwargs) -> torch.Tensor:
+                plan: list[str] | None = None, tolerance: float | None = None, return_stats: bool = False,
+                **sampler_kwargs):
         """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional blocks are guided
         (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
-        or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt)."""
+        or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt).
+
+        ``sampler`` names one way for every block, or a per-block plan sampler (selective, segment,
+        auto; see starflow.flow.selective_jacobi) resolved from the model's stored calibration; ``plan``
+        gives the per-block choices directly. ``tolerance`` (auto and the calibrated plans): use a stored
+        plan only if it was calibrated at least this tight. ``return_stats``: also return SamplingStats."""
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
         check_guidance(guidance, guidance_rule)
@@ -234,6 +244,14 @@ class STARFlow(nn.Module, PretrainedMixin):
                              f"{', '.join(f.name for f in dataclasses.fields(SamplerOptions))}")
         opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
         B = z.shape[0]
+        T = len(self.blocks)
+        if plan is None and sampler in PLAN_SAMPLERS:
+            plan, threshold = resolve_plan(sampler, T, getattr(self, "sampling_calibration", None), B, z.device, tolerance)
+            if threshold is not None:  # auto runs its plan as it was verified
+                opts = dataclasses.replace(opts, jacobi_threshold=threshold)
+        if plan is not None and len(plan) != T:
+            raise ValueError(f"a plan needs one entry per block ({T}), got {len(plan)}")
+        per_block = [opts] * T if plan is None else [block_options(c, opts) for c in plan]
         cond = self.make_condition(B, y, text, z.device)
         guided = guidance > 0 and cond is not None
         if guided:
@@ -244,15 +262,21 @@ class STARFlow(nn.Module, PretrainedMixin):
         elif negative_y is not None or negative_text is not None:
             raise ValueError("a negative condition only acts with guidance > 0")
         h = self.patchify(_at_least_fp32(z))
-        self.last_jacobi_iterations = []  # sweeps per block window, for benchmarks and tests
-        for i, block in enumerate(reversed(self.blocks)):
+        iterations = [[] for _ in range(T)]
+        for i, b in enumerate(reversed(range(T))):
+            block = self.blocks[b]
             use = cond if block.conditional else None
             if use is not None and guided and guidance_blocks == "deep" and i > 0:
                 use = cond.rows(slice(0, B))  # an unguided conditional shallow block reads the positive half
             block_guided = guided and block.conditional and (guidance_blocks == "conditional" or i == 0)
             ctx = block.context(use, 2 * B if block_guided else B, z.device, pos)
-            h = invert_block(block, h, ctx, block_guided, opts, self.last_jacobi_iterations)
-        return self.unpatchify(h, grid)
+            h = invert_block(block, h, ctx, block_guided, per_block[b], iterations[b])
+        # sweeps per block window in sampling order, for benchmarks and tests
+        self.last_jacobi_iterations = [it for b in reversed(range(T)) for it in iterations[b]]
+        x = self.unpatchify(h, grid)
+        if return_stats:
+            return x, SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
+        return x
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,

@@ -13,11 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.guidance import guide
+from starflow.flow.samplers import SAMPLERS  # noqa: F401  (re-exported)
 
-SAMPLERS = ("sequential", "jacobi", "naive", "chunked-jacobi")  # chunked-jacobi: starflow/flow/chunked_jacobi.py
+
+
+@dataclass
+class SamplingStats:
+    """What one ``STARFlow.inverse`` call did: the per-block plan and Jacobi sweeps per window
+    (index = block index; sequential blocks have no sweeps)."""
+    plan: list[str]
+    iterations: list[list[int]]
 
 
 @dataclass
@@ -43,6 +52,7 @@ class _Step:
 
     def __init__(self, block: FlowBlock, guided: bool, opts: SamplerOptions, num_tokens: int):
         self.block, self.guided, self.opts, self.num_tokens = block, guided, opts, num_tokens
+        self._positions = None
 
     def params(self, out: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu, alpha = self.block.split(out)
@@ -50,7 +60,9 @@ class _Step:
             return mu, alpha
         mu_c, mu_u = mu.chunk(2)
         alpha_c, alpha_u = alpha.chunk(2)
-        positions = torch.arange(start, start + mu.shape[1], device=mu.device)
+        if self._positions is None or self._positions.device != mu.device:
+            self._positions = torch.arange(self.num_tokens, device=mu.device)
+        positions = self._positions[start:start + mu.shape[1]]
         return guide(self.opts.guidance_rule, self.opts.guidance, mu_c, alpha_c, mu_u, alpha_u,
                      positions, self.num_tokens)
 
@@ -83,16 +95,43 @@ def _rows(z_perm, guided):
     return 2 * z_perm.shape[0] if guided else z_perm.shape[0]
 
 
+class TokenDecoder:
+    """Cached decoding of one block, one token per row per step, on the lean per-layer path
+    (``TransformerLayer.decode``): 2-D activations, functional kernels, no masks unless a prefix is
+    padded. Batch-1 sampling is bound by per-kernel dispatch, so every call saved is time saved."""
+
+    def __init__(self, block: FlowBlock, ctx: Context, rows: int, device):
+        self.block, self.ctx = block, ctx
+        self.caches = block.new_caches(ctx)
+        self.first = block.prefill(ctx, self.caches, rows, device)[:, 0]  # predicts token 0, [R, out]
+        valid = ctx.key_valid(ctx.num_tokens)
+        self.key_mask = None if valid is None else valid[:, None, None, :]
+        self.pos_rows = block.pos_embed[ctx.pos_perm]  # [L, C] in the block's order
+        self.prefix_len = ctx.prefix_len
+
+    def step(self, x_tok: torch.Tensor, i: int) -> torch.Tensor:
+        """Feed permuted token i (x_tok [R, D]); return the raw output predicting token i + 1, [R, out]."""
+        b = self.block
+        h = F.linear(x_tok, b.proj_in.weight, b.proj_in.bias) + self.pos_rows[i]
+        if self.ctx.add is not None:
+            h = h + self.ctx.add
+        pos = self.prefix_len + i
+        for layer, cache in zip(b.layers, self.caches):
+            h = layer.decode(h, cache, pos, self.key_mask)
+        out = F.linear(h, b.proj_out.weight, b.proj_out.bias)
+        return out if out.dtype == torch.float64 else out.float()
+
+
 def _sequential(block, z_perm, ctx, step):
     B, L, _ = z_perm.shape
-    caches = block.new_caches(ctx)
-    out = block.prefill(ctx, caches, _rows(z_perm, step.guided), z_perm.device)
+    dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm.device)
+    out = dec.first
     x = torch.empty_like(z_perm)
     for i in range(L):
         mu, alpha = step.params(out, i)
-        x[:, i:i + 1] = z_perm[:, i:i + 1] * torch.exp(alpha) + mu
+        x[:, i] = z_perm[:, i] * torch.exp(alpha) + mu
         if i + 1 < L:
-            out = block.extend(step.feed(x[:, i:i + 1]), i, ctx, caches)
+            out = dec.step(step.feed(x[:, i]), i)
     return x
 
 

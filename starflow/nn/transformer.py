@@ -49,15 +49,36 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def allocate(self, rows: int, heads: int, head_dim: int, like: torch.Tensor) -> None:
+        """Create the buffers up front (the one-token decoder writes into them directly)."""
+        if self.k is None:
+            self.k = like.new_empty(rows, heads, self.max_len, head_dim)
+            self.v = like.new_empty(rows, heads, self.max_len, head_dim)
 
-def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+
+def norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The functional form of a LayerNorm/RMSNorm module: the same kernel without the module call."""
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+# Returned by ``attention_mask`` for a plain causal square (training, likelihoods): attention then runs
+# with ``is_causal=True`` and no mask tensor, which lets GPU flash/efficient kernels take it.
+CAUSAL = "causal"
+
+
+def attention_mask(q_start: int, q_len: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | str | None:
     """Boolean mask [B or 1, 1, q_len, q_start+q_len]: causal, and padding keys (key_valid False) hidden.
 
     A position may always see itself, so a padded query never has an empty row (no NaN). None when
-    nothing is hidden (one new token, no padding): the cheap path of cached decoding.
+    nothing is hidden (one new token, no padding): the cheap path of cached decoding. ``CAUSAL`` when
+    the mask would be exactly lower-triangular (queries from position 0, no padding).
     """
     if q_len == 1 and key_valid is None:
         return None
+    if q_start == 0 and key_valid is None:
+        return CAUSAL
     k_len = q_start + q_len
     q_pos = torch.arange(q_start, k_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
@@ -100,8 +121,28 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v, start)
         gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        if isinstance(mask, str):  # CAUSAL: no explicit mask, so fused kernels (flash on GPUs) can run
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.proj(out.transpose(1, 2).reshape(B, T, C))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """One new token per row, x [R, C] -> [R, C], at cache position ``pos``. The same kernels as
+        ``forward`` with T = 1 (so the same numbers), minus the module calls and the sequence axis.
+        ``key_mask`` [R, 1, 1, >= pos + 1] bool hides padded prefix keys; None when nothing is hidden."""
+        R, C = x.shape
+        qkv = F.linear(norm_2d(self.norm, x), self.qkv.weight, self.qkv.bias).view(R, 3, self.num_heads, 1, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        if not isinstance(self.q_norm, nn.Identity):
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if cache.k is None:  # a block without a prefix has written nothing yet
+            cache.allocate(R, self.num_heads, self.head_dim, v)
+        cache.k[:, :, pos:pos + 1] = k
+        cache.v[:, :, pos:pos + 1] = v
+        mask = None if key_mask is None else key_mask[..., :pos + 1]
+        out = F.scaled_dot_product_attention(q, cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1], attn_mask=mask)
+        return F.linear(out.view(R, C), self.proj.weight, self.proj.bias)
 
 
 class MLP(nn.Module):
@@ -124,6 +165,10 @@ class MLP(nn.Module):
             return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
         return self.main(self.norm(x))
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, down = self.main
+        return F.linear(act(F.linear(norm_2d(self.norm, x), up.weight, up.bias)), down.weight, down.bias)
+
 
 class TransformerLayer(nn.Module):
     def __init__(self, width: int, head_dim: int, mlp_ratio: float, norm: str = "layernorm", qk_norm: bool = False,
@@ -135,3 +180,8 @@ class TransformerLayer(nn.Module):
     def forward(self, x, mask, cache: KVCache | None = None, start: int = 0, rope=None):
         x = x + self.attention(x, mask, cache, start, rope)
         return x + self.mlp(x)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cached decoding of one token per row, x [R, C] (see ``Attention.decode``)."""
+        x = x + self.attention.decode(x, cache, pos, key_mask)
+        return x + self.mlp.decode(x)
