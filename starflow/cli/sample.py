@@ -79,7 +79,7 @@ def sampling_kwargs(args, pipe) -> dict:
             raise ValueError(f"{model_type} models take neither --aspect nor a flow --sampler ({args.sampler})")
         return {"guidance": args.guidance, **({"sampler": "diffusers"} if args.sampler == "diffusers" else {})}
     kw = dict(temperature=args.temperature, guidance=args.guidance, guidance_rule=args.guidance_rule, sampler=args.sampler)
-    if args.sampler == "jacobi":
+    if args.sampler in ("jacobi", "chunked-jacobi"):
         kw.update(jacobi_threshold=args.jacobi_threshold, jacobi_window=args.jacobi_window)
     elif args.sampler in ("selective", "segment"):  # auto uses the calibrated threshold
         kw.update(jacobi_threshold=args.jacobi_threshold)
