@@ -19,7 +19,7 @@ import torch
 from starflow.data import DigitsDataset
 from starflow.flow.selective_jacobi import calibrate, save_calibration
 from starflow.io.images import dequantize
-from starflow.models import DEFAULT_DIGITS_MODEL
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL
 from starflow.pipeline import load_pretrained
 
 

@@ -149,7 +149,7 @@ def main(argv=None):
             bench_model(f"tarflow (official code, width {args.width}, perturb {args.perturb})", ours, off, batches,
                         args.repeats, args.naive_max_batch, guided, rows)
     if "mnist" in args.models:
-        from starflow.models import DEFAULT_DIGITS_MODEL
+        from starflow.io.shipped import DEFAULT_DIGITS_MODEL
         from starflow.pipeline import load_pretrained
 
         model = load_pretrained(args.mnist or DEFAULT_DIGITS_MODEL).model.eval()

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import perturbed, tiny_config
 from starflow import STARFlow
 from starflow.cli import main
-from starflow.models import DEFAULT_DIGITS_MODEL
+from starflow.io.shipped import DEFAULT_DIGITS_MODEL
 
 TINY_RECIPE = """model:
   image_size: 8
