@@ -94,7 +94,7 @@ class FlowConfig:
         _check(self.learned_null or self.cond_drop_prob == 0, "learned_null",
                "condition dropout needs a learned null (set cond_drop_prob: 0 or learned_null: true)")
         if self.positions == "rope":
-            from starflow.nn.rope import check_rope_head_dim
+            from starflow.nn.rope import check_rope_head_dim  # lazy: torch only for rotary configs
 
             why = check_rope_head_dim(self.head_dim, self.conditional and self.cond_mode == "prefix")
             _check(why is None, "head_dim", str(why))
@@ -103,7 +103,6 @@ class FlowConfig:
                    f"{hw!r} must be [H, W] with 0 < H, W <= image_size {self.image_size}, divisible by patch_size {self.patch_size}")
         if self.buckets:
             self.buckets = [list(map(int, hw)) for hw in self.buckets]
-        _check_flow_memory(self)
 
     @property
     def num_tokens(self) -> int:
@@ -128,14 +127,16 @@ class FlowConfig:
         return layers
 
 
-def _check_flow_memory(c: FlowConfig) -> None:
-    """Refuse (before allocating) a flow whose weights and one example's activations cannot fit."""
+def check_flow_memory(c: FlowConfig, bytes_per_param: float = 4.0) -> None:
+    """Refuse (before allocating) a flow whose weights and one example's activations cannot fit. Called
+    where weights are about to be allocated (model construction off the meta device, loading), not for
+    a config alone: a config of a model too large for this machine is still a valid description."""
     layers = sum(c.block_layers())
     per_block = 2 * c.token_dim * c.width + c.num_tokens * c.width  # in/out projections, positions
     params = (transformer_params(c.width, layers, c.mlp_ratio) + c.num_blocks * per_block
               + (c.num_classes + 1 + c.cond_dim) * c.width)
     activations = layers * c.num_tokens * (c.width * (4 + c.mlp_ratio) + c.num_tokens * c.width // c.head_dim)
-    check_model_memory(params, activations)
+    check_model_memory(params, activations, bytes_per_param=bytes_per_param)
 
 
 def _is_int(v) -> bool:
@@ -290,7 +291,7 @@ def read_yaml(path: str, what: str = "YAML file") -> dict:
 
 
 def load_run_config(path: str, overrides: dict | None = None) -> RunConfig:
-    from starflow.models import model_class
+    from starflow.models import model_class  # lazy: the registry's model modules import this one
 
     data = read_yaml(path, "recipe")
     for section in ("model", "train"):

@@ -54,7 +54,7 @@ def check_sampling(sampling: dict | None) -> dict:
 
 
 def _model_class(model_type: str):
-    from starflow.models import model_class
+    from starflow.models import model_class  # lazy: components (diffusers, transformers) only when the folder has them
 
     return model_class(model_type)
 
@@ -70,6 +70,7 @@ def _load_model(directory: str, device, dtype: torch.dtype | None):
 
 def read_sampling(directory: str) -> dict:
     """A saved pipeline's sampling defaults (library defaults filled in) without loading the model."""
+    # lazy: components (diffusers, transformers) only when the folder has them
     from starflow.io.shipped import resolve_model
 
     path = os.path.join(resolve_model(directory), INDEX)
@@ -174,6 +175,7 @@ class StarflowPipeline:
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
         """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided)."""
+        # lazy: components (diffusers, transformers) only when the folder has them
         from starflow.io.images import to_pil
 
         if num_images < 1:
@@ -222,6 +224,7 @@ class StarflowPipeline:
         """``directory``: a pipeline or bare model directory, or a shipped model's name (``shapes``,
         ``starflow:mnist``, ...). ``dtype`` (STARFlow models): the flow's weight dtype, e.g.
         ``torch.bfloat16`` to run a large imported model in half the memory; default float32."""
+        # lazy: components (diffusers, transformers) only when the folder has them
         from starflow.io.shipped import resolve_model
 
         directory = resolve_model(directory)
@@ -238,11 +241,13 @@ class StarflowPipeline:
         model = _load_model(inside(directory, index["model"], f"{index_path}: model"), device, dtype)
         autoencoder = text_encoder = None
         if index.get("autoencoder"):
+            # lazy: components (diffusers, transformers) only when the folder has them
             from starflow.components.autoencoder import Autoencoder
 
             autoencoder = Autoencoder.from_pretrained(inside(directory, index["autoencoder"], f"{index_path}: autoencoder"),
                                                       device=device)
         if index.get("text_encoder"):
+            # lazy: components (diffusers, transformers) only when the folder has them
             from starflow.components.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)

@@ -89,11 +89,12 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def check_model_memory(params: float, activations: float = 0.0, what: str = "the model") -> None:
+def check_model_memory(params: float, activations: float = 0.0, what: str = "the model",
+                       bytes_per_param: float = 4.0) -> None:
     """Refuse a model whose fp32 weights (``params``) plus one example's activations (``activations``
-    floats) would not fit in memory. Estimates are rough (within a small factor); the point is to say
+    floats) would not fit in memory (weights at ``bytes_per_param``, activations in fp32). Estimates are rough (within a small factor); the point is to say
     "this will not fit" before trying to allocate terabytes."""
-    need = 4.0 * (params + activations)
+    need = bytes_per_param * params + 4.0 * activations
     limit = memory_limit_bytes()
     if need > limit:
         raise LimitError(f"{what} would need about {_gb(need)} ({params / 1e6:.4g}M parameters) but "

@@ -210,7 +210,7 @@ CASES = {
     # a file where a folder is expected
     "sample-out-under-file": (lambda e: ["sample", "--out", e["a_file"] + "/s.png"], "is a file"),
     "sample-no-grid-out-is-file": (lambda e: ["sample", "--no-grid", "--out", e["a_file"]], "is a file"),
-    "generate-out-under-file": (lambda e: ["generate", "--out", e["a_file"] + "/g.png"], "is a file"),
+    "generate-out-under-file": (lambda e: ["generate", "--class", "3", "--out", e["a_file"] + "/g.png"], "is a file"),
     "encode-out-under-file": (lambda e: ["encode", "--image", e["digit"], "--out", e["a_file"] + "/n.safetensors"],
                               "is a file"),
     "eval-out-under-file": (lambda e: ["eval", e["good"], "--out", e["a_file"] + "/r.json"], "is a file"),
@@ -317,7 +317,7 @@ def test_read_only_output(command, tmpfs, env, capsys):
     ro = tmpfs("1m", ro=True)
     argv = {
         "sample": ["sample", "--out", ro + "/s.png"],
-        "generate": ["generate", "--out", ro + "/g.png"],
+        "generate": ["generate", "--class", "3", "--out", ro + "/g.png"],
         "encode": ["encode", "--image", env["digit"], "--out", ro + "/n.safetensors"],
         "eval": ["eval", env["good"], "--out", ro + "/r.json"],
         "train": ["train", "--config", env["recipe"], "--out-dir", ro + "/run"],

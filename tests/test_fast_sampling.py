@@ -46,7 +46,7 @@ def test_sampler_names_are_one_list():
     p = argparse.ArgumentParser()
     cli_sample.add_sampling_args(p)
     action = next(a for a in p._actions if a.dest == "sampler")
-    assert tuple(action.choices) == SAMPLERS
+    assert tuple(action.choices) == (*SAMPLERS, "diffusers")  # + the rectified-flow peers' diffusers loop
     for name in ("selective", "segment", "auto"):
         assert name in SAMPLERS
 

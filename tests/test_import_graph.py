@@ -11,7 +11,6 @@ import ast
 import os
 from dataclasses import dataclass
 
-import pytest
 
 PACKAGE = "starflow"
 ROOT = os.path.join(os.path.dirname(__file__), "..", PACKAGE)
@@ -23,7 +22,7 @@ LAZY_MARK = "# lazy:"
 # or removed (data/, evaluation/, tasks/, components/, pipeline). The rest sit mostly in cli/, app/ and
 # train/, which other work was changing at the time. Lower this number as they get a reason or move up;
 # never raise it.
-UNEXPLAINED_LAZY_BUDGET = 71
+UNEXPLAINED_LAZY_BUDGET = 0
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class Slot:
 
     def sampling_defaults(self) -> dict:
         """The model's own sampling settings (model_index.json), read without loading it."""
+        # lazy: the demo imports models and image code on first use
         from starflow.pipeline import SAMPLING_DEFAULTS, read_sampling
 
         if self._pipe is not None:
@@ -53,6 +54,7 @@ class Slot:
             raise gr.Error(self.missing)
         with self._load_lock:
             if self._pipe is None:
+                # lazy: the demo imports models and image code on first use
                 from starflow.pipeline import StarflowPipeline
 
                 self._pipe = StarflowPipeline.from_pretrained(str(self.source), device=self.device)
@@ -95,7 +97,7 @@ class Demo:
     def from_dirs(cls, checkpoint: str | None = None, text_checkpoint: str | None = None, device="cpu"):
         """Load the given directories now and route each by what it is: a text-conditional model to the
         text tab, anything else to the digits tab."""
-        from starflow.pipeline import StarflowPipeline
+        from starflow.pipeline import StarflowPipeline  # lazy: the demo imports models and image code on first use
 
         text = digits = None
         for path in (checkpoint, text_checkpoint):
@@ -154,7 +156,7 @@ class Demo:
     def digits_grid(self, label, num_images=16, guidance=None, rule=None, temperature=None, seed=0,
                     sampler=None, progress=None):
         """Settings left None take the model's own (``Slot.sampling_defaults``)."""
-        from starflow.io.images import make_grid
+        from starflow.io.images import make_grid  # lazy: the demo imports models and image code on first use
 
         guidance, rule, temperature, sampler = _fill(self.digits, guidance, rule, temperature, sampler)
 
@@ -169,7 +171,7 @@ class Demo:
             f"{n} samples ({what}) in {dt:.2f} s ({sampler}, w={w:g}, {rule} rule, T={t:g})."
 
     def _sample(self, pipe, n, seed, progress, y=None, prompt=None, guidance=0.0, as_tensor=False, **kw):
-        from starflow.io.images import to_pil
+        from starflow.io.images import to_pil  # lazy: the demo imports models and image code on first use
 
         if guidance:
             kw["guidance"] = guidance
@@ -193,8 +195,8 @@ class Demo:
     # ---- Encode -> decode ----------------------------------------------------------------------------------
     def encode_decode(self, upload, which="digits", label=0, prompt="", progress=None):
         """-> (input as the model sees it, noise image, round trip, markdown report). Uses starflow.tasks.encode."""
-        from starflow.tasks import encode as E
-        from starflow.io.images import to_pil
+        from starflow.tasks import encode as E  # lazy: the demo imports models and image code on first use
+        from starflow.io.images import to_pil  # lazy: the demo imports models and image code on first use
 
         slot = self._slot(which)
         img = load_upload(upload)
@@ -259,6 +261,7 @@ class Demo:
             ex = {}
             if self.digits.available:
                 try:
+                    # lazy: the demo imports models and image code on first use
                     from starflow.data.digits import load_mnist_subset
 
                     imgs, labels = load_mnist_subset("test")
@@ -269,6 +272,7 @@ class Demo:
                     pass
             if self.text.available:
                 try:
+                    # lazy: the demo imports models and image code on first use
                     from starflow.data.shapes import ShapesDataset
 
                     ds = ShapesDataset("test", size=3)
@@ -293,7 +297,7 @@ class Demo:
         img = load_upload(upload)
         pipe = self._slot(which).get()
         x8, note = to_model_image(img, pipe.image_shape)
-        from starflow.io.images import to_pil
+        from starflow.io.images import to_pil  # lazy: the demo imports models and image code on first use
 
         bg = upscale(to_pil(x8[0]).convert("RGB"), EDITOR_SIDE)
         return {"background": bg, "layers": [], "composite": bg}, note + " Paint the region to regenerate."
@@ -336,7 +340,8 @@ class Demo:
                 steps=5, guidance=0.0, progress=None):
         if not self.inpaint_available():
             raise gr.Error(NOT_AVAILABLE_INPAINT)
-        from starflow.io.images import to_pil
+        from starflow.io.images import to_pil  # lazy: the demo imports models and image code on first use
+        # lazy: the demo imports models and image code on first use
         from starflow.tasks.inpaint import inpaint as inpaint_fn
 
         n = check_int(num_images, "Number of completions", 1, MAX_IMAGES)
@@ -375,7 +380,7 @@ class Demo:
 
 
 def _as_pil_list(out) -> list[Image.Image]:
-    from starflow.io.images import to_pil
+    from starflow.io.images import to_pil  # lazy: the demo imports models and image code on first use
 
     if isinstance(out, Image.Image):
         return [out]

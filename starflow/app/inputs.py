@@ -140,7 +140,7 @@ def check_choice(value, name: str, choices) -> str:
 
 
 def _guidance_rules() -> tuple[str, ...]:
-    from starflow.flow.guidance import RULES
+    from starflow.flow.guidance import RULES  # lazy: the demo imports models and image code on first use
 
     return tuple(RULES)
 
@@ -229,7 +229,7 @@ def upscale(img: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 def noise_to_image(z: torch.Tensor) -> Image.Image:
     """Noise [C, H, W] -> a picture: -3 maps to black, +3 to white; 1 or 3 channels directly, other
     channel counts side by side as grey tiles."""
-    from starflow.io.images import make_grid, to_pil
+    from starflow.io.images import make_grid, to_pil  # lazy: the demo imports models and image code on first use
 
     u = ((z.float().clamp(-3, 3) + 3) / 6 * 255).round().to(torch.uint8)
     if u.shape[0] in (1, 3):

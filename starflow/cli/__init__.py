@@ -9,6 +9,8 @@ import importlib
 import os
 import sys
 
+from starflow.errors import StarflowError, os_error_message
+
 # name -> module under starflow.cli; a module defines add_parser(subparsers) and run(args).
 COMMANDS = {
     "generate": "generate",
@@ -69,14 +71,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image
     from safetensors import SafetensorError
 
-    from starflow.errors import StarflowError
 
     return (StarflowError, ValueError, OSError, KeyError, NotImplementedError, yaml.YAMLError,
             Image.DecompressionBombError, SafetensorError)
 
 
 def _one_line(e: BaseException) -> str:
-    from starflow.errors import StarflowError, os_error_message
 
     if isinstance(e, OSError) and not isinstance(e, StarflowError):
         text = os_error_message(e)

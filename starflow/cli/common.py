@@ -50,7 +50,7 @@ def resolve_device(name: str):
 def add_model_arg(p: argparse.ArgumentParser, default_help: str, positional: bool = False) -> None:
     """``--model NAME|DIR`` (a shipped name or a directory); ``positional`` also accepts it as the first
     argument (the older ``CHECKPOINT`` spelling of sample, nll and eval)."""
-    from starflow.io.shipped import MODEL_HELP
+    from starflow.io.shipped import MODEL_HELP  # lazy: sub-command help must not import torch
 
     p.add_argument("--model", metavar="NAME|DIR", help=f"{MODEL_HELP} (default: {default_help})")
     if positional:

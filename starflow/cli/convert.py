@@ -16,10 +16,10 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from starflow.convert.tarflow import from_tarflow
+    from starflow.convert.tarflow import from_tarflow  # lazy: sub-command help must not import torch
 
-    from starflow.errors import check_output_dir
-    from starflow.io.hub import read_json
+    from starflow.errors import check_output_dir  # lazy: sub-command help must not import torch
+    from starflow.io.hub import read_json  # lazy: sub-command help must not import torch
 
     check_output_dir(args.out, "--out")
     cfg = read_json(args.config, "--config")

@@ -18,7 +18,7 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from starflow.peers.convert import from_diffusers_sd3
+    from starflow.peers.convert import from_diffusers_sd3  # lazy: sub-command help must not import torch
 
     model = from_diffusers_sd3(args.folder, image_size=args.image_size, shift=args.shift)
     model.save_pretrained(args.out, dtype=getattr(torch, args.dtype))

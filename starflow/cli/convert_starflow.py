@@ -61,9 +61,10 @@ def _check_out(out: str) -> None:
 def run(args) -> int:
     import torch
 
-    from starflow.convert.pth import load_state_dict_pth
+    from starflow.convert.pth import load_state_dict_pth  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
     from starflow.convert.starflow import detect_prefix, from_starflow, inference_memory, resolve_config
-    from starflow.pipeline import StarflowPipeline
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     if not args.checkpoint.endswith((".pth", ".pt", ".bin")):
         raise ValueError(f"{args.checkpoint}: expected the official .pth state dict")
@@ -83,7 +84,7 @@ def run(args) -> int:
                          f"the checkpoint's proj_txt reads {cfg.cond_dim}")
     autoencoder = None
     if args.vae:
-        from starflow.components.autoencoder import Autoencoder
+        from starflow.components.autoencoder import Autoencoder  # lazy: sub-command help must not import torch
 
         autoencoder = Autoencoder.from_pretrained(args.vae, latent_channels=cfg.in_channels)
     model = from_starflow(state, cfg, prefix, dtype=dtype)
@@ -115,6 +116,6 @@ def run(args) -> int:
 
 
 def _official_value(cfg: dict, key: str):
-    from starflow.convert.starflow import normalise_official_config
+    from starflow.convert.starflow import normalise_official_config  # lazy: sub-command help must not import torch
 
     return normalise_official_config(cfg).get(key)

@@ -15,12 +15,12 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from starflow.io.shipped import resolve_model
+    from starflow.io.shipped import resolve_model  # lazy: sub-command help must not import torch
     import os
     import sys
 
-    from starflow.tasks import encode as E
-    from starflow.pipeline import StarflowPipeline
+    from starflow.tasks import encode as E  # lazy: sub-command help must not import torch
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     apply_threads(args.threads)
     device = resolve_device(args.device)
@@ -31,7 +31,7 @@ def run(args) -> int:
     if args.model:
         model_dir = resolve_model(model_dir)
     else:  # a path read from a file: only a saved model folder, and say which one is used
-        from starflow.errors import UnsafePathError
+        from starflow.errors import UnsafePathError  # lazy: sub-command help must not import torch
 
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir} (recorded in {args.noise}); pass --model")

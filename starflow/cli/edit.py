@@ -30,8 +30,9 @@ def run(args) -> int:
 
     import torch
 
-    from starflow.tasks import encode as E
-    from starflow.io.shipped import resolve_model
+    from starflow.tasks import encode as E  # lazy: sub-command help must not import torch
+    from starflow.io.shipped import resolve_model  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
     from starflow.tasks.editing import EditPipeline, infer_edit, parse_instruction
 
     apply_threads(args.threads)

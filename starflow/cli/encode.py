@@ -26,14 +26,14 @@ def run(args) -> int:
 
     import torch
 
-    from starflow.cli.generate import default_model
-    from starflow.io.shipped import resolve_model
-    from starflow.pipeline import StarflowPipeline
-    from starflow.tasks import encode as E
+    from starflow.cli.generate import default_model  # lazy: sub-command help must not import torch
+    from starflow.io.shipped import resolve_model  # lazy: sub-command help must not import torch
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
+    from starflow.tasks import encode as E  # lazy: sub-command help must not import torch
 
     apply_threads(args.threads)
 
-    from starflow.errors import check_output_dir
+    from starflow.errors import check_output_dir  # lazy: sub-command help must not import torch
 
     check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)

@@ -36,7 +36,7 @@ def _check_sample_args(pipe, kwargs: dict) -> None:
             allowed |= {n for n, p in inspect.signature(fn).parameters.items()
                         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     if getattr(flow, "model_type", "") == "starflow":
-        from starflow.flow.sampling import SamplerOptions
+        from starflow.flow.sampling import SamplerOptions  # lazy: sub-command help must not import torch
 
         allowed |= {f.name for f in dataclasses.fields(SamplerOptions)}
     allowed -= {"self", "n", "z", "x", "y", "text", "generator", "device"}
@@ -74,6 +74,7 @@ def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    # lazy: sub-command help must not import torch
     from starflow.evaluation.report import evaluate_model, format_table, parse_metrics, validate_report, write_json
 
     metrics = parse_metrics(args.metrics)  # fail on typos before loading anything
@@ -92,20 +93,20 @@ def run(args) -> int:
     if args.out:
         import os
 
-        from starflow.errors import check_output_dir
+        from starflow.errors import check_output_dir  # lazy: sub-command help must not import torch
 
         check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is a folder; give a file path for the JSON report")
     device = resolve_device(args.device)
-    from starflow.pipeline import load_pretrained
+    from starflow.pipeline import load_pretrained  # lazy: sub-command help must not import torch
 
     model = load_pretrained(spec, map_location=str(device))
     if hasattr(model, "to"):
         model = model.to(device) or model
     if hasattr(model, "eval"):
         model.eval()
-    from starflow.evaluation.frechet import default_cache_dir
+    from starflow.evaluation.frechet import default_cache_dir  # lazy: sub-command help must not import torch
 
     cache_dir = args.cache_dir or default_cache_dir()
     cached_before = _cache_files(cache_dir)

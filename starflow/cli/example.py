@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from PIL import Image
 
-    from starflow.data.digits import load_mnist_subset
+    from starflow.data.digits import load_mnist_subset  # lazy: sub-command help must not import torch
 
     if not 0 <= args.digit <= 9:
         raise ValueError(f"--digit must be 0-9, got {args.digit}")

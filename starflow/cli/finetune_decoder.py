@@ -52,6 +52,7 @@ def check_encoder_identical(original_dir: str, new_dir: str) -> int:
 
     from safetensors.torch import load_file
 
+    # lazy: sub-command help must not import torch
     from starflow.components.autoencoder import DIFFUSERS_WEIGHTS, ENCODER_PREFIXES
 
     a = load_file(os.path.join(original_dir, DIFFUSERS_WEIGHTS))
@@ -66,8 +67,10 @@ def check_encoder_identical(original_dir: str, new_dir: str) -> int:
 def run(args) -> int:
     import torch
 
+    # lazy: sub-command help must not import torch
     from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
-    from starflow.cli.train_autoencoder import split_train_test
+    from starflow.cli.train_autoencoder import split_train_test  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
     from starflow.train.autoencoder_trainer import (FinetuneConfig, config_to_dict, finetune_decoder,
                                                     reconstruction_psnr)
 

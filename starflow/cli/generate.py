@@ -46,8 +46,8 @@ def default_model(prompt: str | None) -> str:
 def run(args) -> int:
     import torch
 
-    from starflow.io.images import save_images
-    from starflow.pipeline import StarflowPipeline
+    from starflow.io.images import save_images  # lazy: sub-command help must not import torch
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("empty prompt")
@@ -59,7 +59,7 @@ def run(args) -> int:
         raise ValueError("give --prompt TEXT (shipped shapes model) or --class N (shipped MNIST digits model), "
                          "or --model to choose a model")
     apply_threads(args.threads)
-    from starflow.errors import check_output_dir
+    from starflow.errors import check_output_dir  # lazy: sub-command help must not import torch
 
     check_output_dir(args.out if not args.grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)

@@ -34,10 +34,10 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from starflow.tasks import encode as E
-    from starflow.cli.generate import default_model
-    from starflow.tasks.inpaint import inpaint, load_mask
-    from starflow.pipeline import StarflowPipeline
+    from starflow.tasks import encode as E  # lazy: sub-command help must not import torch
+    from starflow.cli.generate import default_model  # lazy: sub-command help must not import torch
+    from starflow.tasks.inpaint import inpaint, load_mask  # lazy: sub-command help must not import torch
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     apply_threads(args.threads)
     if not 1 <= args.num_images <= MAX_IMAGES:

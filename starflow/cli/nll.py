@@ -24,8 +24,8 @@ def add_parser(sub, name):
 def run(args) -> int:
     import torch
 
-    from starflow.data import build_dataset
-    from starflow.pipeline import load_pretrained
+    from starflow.data import build_dataset  # lazy: sub-command help must not import torch
+    from starflow.pipeline import load_pretrained  # lazy: sub-command help must not import torch
 
     apply_threads(args.threads)
     if args.batch_size < 1:
@@ -34,7 +34,7 @@ def run(args) -> int:
     if args.image:
         return _one_image(args, device)
     model = load_pretrained(model_spec(args) or "mnist", map_location=device)
-    from starflow.protocols import LikelihoodModel
+    from starflow.protocols import LikelihoodModel  # lazy: sub-command help must not import torch
 
     if not isinstance(model.model, LikelihoodModel):  # model is a pipeline, which always has bits_per_dim
         raise ValueError(f"{type(model).__name__} has no exact likelihood")
@@ -56,8 +56,8 @@ def run(args) -> int:
 def _one_image(args, device) -> int:
     import torch
 
-    from starflow.tasks import encode as E
-    from starflow.pipeline import StarflowPipeline
+    from starflow.tasks import encode as E  # lazy: sub-command help must not import torch
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     pipe = StarflowPipeline.from_pretrained(model_spec(args) or "mnist", device=device)
     C, H, _ = pipe.image_shape

@@ -21,10 +21,10 @@ def add_parser(sub, name):
 
 
 def run(args) -> int:
-    from starflow.cli.common import require_extra
+    from starflow.cli.common import require_extra  # lazy: sub-command help must not import torch
 
     require_extra("matplotlib", "plot", "starflow plot")
-    from starflow.evaluation import plots
+    from starflow.evaluation import plots  # lazy: sub-command help must not import torch
 
     if not (args.run_dir or args.guidance_sweep or args.model_comparison):
         raise ValueError("give RUN_DIR and/or --guidance-sweep / --model-comparison")

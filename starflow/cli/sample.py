@@ -20,7 +20,7 @@ MAX_IMAGES = 100_000
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from starflow.io.shipped import sampling_help
+    from starflow.io.shipped import sampling_help  # lazy: sub-command help must not import torch
 
     p.add_argument("--num-images", "-n", type=int, default=16, help="how many images")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -67,7 +67,7 @@ def sampling_kwargs(args, pipe) -> dict:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     defaults = getattr(pipe, "sampling_defaults", None)
     if defaults is None:
-        from starflow.pipeline import SAMPLING_DEFAULTS as defaults
+        from starflow.pipeline import SAMPLING_DEFAULTS as defaults  # lazy: sub-command help must not import torch
     for key in MODEL_DEFAULTED:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -84,7 +84,7 @@ def sampling_kwargs(args, pipe) -> dict:
     elif args.sampler in ("selective", "segment"):  # auto uses the calibrated threshold
         kw.update(jacobi_threshold=args.jacobi_threshold)
     if args.aspect:
-        from starflow.data.buckets import nearest_bucket, parse_aspect
+        from starflow.data.buckets import nearest_bucket, parse_aspect  # lazy: sub-command help must not import torch
 
         kw["size"] = nearest_bucket(pipe.model.config.image_sizes(), parse_aspect(args.aspect))
     return kw
@@ -93,9 +93,10 @@ def sampling_kwargs(args, pipe) -> dict:
 def run(args) -> int:
     import torch
 
-    from starflow.errors import check_output_dir
+    from starflow.errors import check_output_dir  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
     from starflow.io.images import check_finite_images, save_images, to_uint8
-    from starflow.pipeline import load_pretrained
+    from starflow.pipeline import load_pretrained  # lazy: sub-command help must not import torch
 
     apply_threads(args.threads)
     check_output_dir(args.out if args.no_grid else os.path.dirname(os.path.abspath(args.out)), "--out")

@@ -27,6 +27,7 @@ def add_parser(sub, name):
 
 def resolve_checkpoints(checkpoint: str | None, text_checkpoint: str | None) -> tuple[str | None, str | None]:
     """The given directories, or the shipped models that exist. Raises when there is nothing to serve."""
+    # lazy: sub-command help must not import torch
     from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL, is_shipped_name, resolve_model
 
     for path in (checkpoint, text_checkpoint):
@@ -47,7 +48,7 @@ def check_port_free(host: str, port: int) -> None:
     """Fail before loading any model when ``host:port`` cannot be bound (in use, or not allowed)."""
     import socket
 
-    from starflow.errors import BadInputError
+    from starflow.errors import BadInputError  # lazy: sub-command help must not import torch
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -66,12 +67,13 @@ def run(args) -> int:
     check_port_free(args.host, args.port)
     checkpoint, text_checkpoint = resolve_checkpoints(args.checkpoint, args.text_checkpoint)
     try:
-        from starflow import app
+        from starflow import app  # lazy: sub-command help must not import torch
     except ImportError as e:
         raise FileNotFoundError(f"the web demo needs gradio: pip install -e '.[app]' ({e})") from None
     device = resolve_device(args.device)
     demo = app.Demo.from_dirs(checkpoint, text_checkpoint, device=device)
     if args.checkpoint is None and args.text_checkpoint is None:  # say which shipped model is missing
+        # lazy: sub-command help must not import torch
         from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL
 
         if not demo.text.available:

@@ -61,7 +61,7 @@ def _command(args) -> str:
 def split_train_test(name: str, image_size, channels):
     import torch
 
-    from starflow.train.autoencoder_trainer import load_images
+    from starflow.train.autoencoder_trainer import load_images  # lazy: sub-command help must not import torch
 
     if name.startswith("folder:"):
         imgs, _ = load_images(name, "train", image_size, channels)
@@ -77,7 +77,8 @@ def split_train_test(name: str, image_size, channels):
 def run(args) -> int:
     import torch
 
-    from starflow.components.autoencoder import Autoencoder
+    from starflow.components.autoencoder import Autoencoder  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
     from starflow.train.autoencoder_trainer import (AutoencoderTrainConfig, config_to_dict, reconstruction_psnr,
                                                     train_autoencoder)
 

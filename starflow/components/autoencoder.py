@@ -30,11 +30,18 @@ import torch
 from torch import nn
 
 from starflow.components.autoencoder_files import (  # noqa: F401  (constants kept importable here)
-    DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, ENCODER_PREFIXES, SIDECAR_NAME, SUPPORTED_CLASSES, check_channels, read_json,
-    resolve_vae_dir, stored_dtype,
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_WEIGHTS,
+    ENCODER_PREFIXES,
+    SIDECAR_NAME,
+    SUPPORTED_CLASSES,
+    check_channels,
+    read_json,
+    resolve_vae_dir,
+    stored_dtype,
 )
 from starflow.data.spaces import linear_to_uint8, uint8_to_linear
-from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes
+from starflow.io.hub import atomic_save_safetensors, atomic_write_bytes, check_finite
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 # name -> sub-folder of starflow/assets
@@ -308,7 +315,6 @@ class Autoencoder(nn.Module):
         if missing or mismatched:
             raise ValueError(f"weights in {directory} do not match its config.json: missing {missing[:5]}, "
                              f"mismatched {mismatched[:5]}")
-        from starflow.io.hub import check_finite
 
         check_finite(vae.state_dict(), f"weights of {directory}")
         side = {}

@@ -60,6 +60,8 @@ import os
 import torch
 import torch.nn as nn
 
+from starflow.components.text_encoder import TextEncoder, _require_safetensors
+
 
 def _kw(gguf_file):
     return {"gguf_file": gguf_file} if gguf_file else {}
@@ -72,7 +74,6 @@ def load_causal_lm(lm_dir: str, gguf_file: str | None = None, dtype: torch.dtype
     if not os.path.isdir(lm_dir):
         raise FileNotFoundError(f"language model directory {lm_dir!r} does not exist")
     if not gguf_file:  # weights from safetensors only: a pickled pytorch_model.bin is never unpickled
-        from starflow.components.text_encoder import _require_safetensors
 
         _require_safetensors(lm_dir)
     safe = {} if gguf_file else {"use_safetensors": True}
@@ -261,6 +262,5 @@ def init_deep_block_from_lm(block: nn.Module, lm, lm_layers: list[int] | None = 
 
 def lm_prompt_encoder(lm_dir: str, max_length: int = 32, gguf_file: str | None = None, **kwargs):
     """A TextEncoder that embeds prompt tokens with the LM's own table (the encoder-free prefix)."""
-    from starflow.components.text_encoder import TextEncoder
 
     return TextEncoder.from_pretrained(lm_dir, max_length=max_length, mode="embeddings", gguf_file=gguf_file, **kwargs)

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from starflow.errors import CheckpointError
+
 MINILM = "minilm"
 MODES = ("hidden", "embeddings")
 
@@ -98,7 +100,6 @@ def _require_safetensors(path: str) -> None:
     """A clear error for a local folder with no safetensors weights (transformers' own is an OSError)."""
     if os.path.isdir(path) and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
                                        for n in os.listdir(path)):
-        from starflow.errors import CheckpointError
 
         raise CheckpointError(f"{path} has no safetensors weights (model.safetensors); pickled weights "
                               "(pytorch_model.bin) are not loaded")
@@ -380,7 +381,6 @@ class PrecomputedTextEncoder(TextEncoder):
                 captions = json.loads(f.metadata()["captions"])
                 states, lengths, pooled = f.get_tensor("states").float(), f.get_tensor("lengths"), f.get_tensor("pooled").float()
         except Exception as e:  # safetensors' own error types (a pickle, a truncated file), missing entries
-            from starflow.errors import CheckpointError
 
             raise CheckpointError(f"text table {path} is not a safetensors text table: {' '.join(str(e).split())}") from None
         self.path, self.max_length, self.mode, self.gguf_file = path, int(max_length), "hidden", None

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from starflow.config import FlowConfig
+from starflow.config import FlowConfig, check_flow_memory
 from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
@@ -48,6 +48,8 @@ class STARFlow(nn.Module, PretrainedMixin):
 
     def __init__(self, config: FlowConfig):
         super().__init__()
+        if torch.get_default_device().type != "meta":  # on meta nothing is allocated (from_pretrained checks)
+            check_flow_memory(config)
         self.config = config
         c = config
         layers = c.block_layers()
@@ -88,6 +90,7 @@ class STARFlow(nn.Module, PretrainedMixin):
         multi-billion-parameter model costs no random initialisation and no second copy. Floating weights
         become ``dtype`` (default: float32, whatever the stored dtype); the prior variance stays float32."""
         config = cls.config_from_dict(read_config(directory))
+        check_flow_memory(config, bytes_per_param=4.0 if dtype is None else torch.finfo(dtype).bits / 8)
         with torch.device("meta"):
             model = cls(config)
         state = load_weights(directory)
@@ -98,7 +101,7 @@ class STARFlow(nn.Module, PretrainedMixin):
                              f"unexpected {unexpected[:5]}")
         wrong = [k for k, v in state.items() if v.shape != own[k].shape]
         if wrong:
-            raise ValueError(f"checkpoint {directory} does not match its config: shapes differ for {wrong[:5]}")
+            raise ValueError(f"checkpoint {directory} does not match its config: wrong shapes for {wrong[:5]}")
 
         def cast(k, v):
             if not v.is_floating_point():

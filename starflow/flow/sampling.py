@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from starflow.flow.block import Context, FlowBlock
+from starflow.flow.chunked_jacobi import chunked_jacobi
 from starflow.flow.guidance import guide
 from starflow.flow.samplers import SAMPLERS  # noqa: F401  (re-exported)
-
 
 
 @dataclass
@@ -81,7 +81,6 @@ def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, 
     if opts.sampler == "naive":
         x_perm = _naive(block, z_perm, ctx, step)
     elif opts.sampler == "chunked-jacobi":
-        from starflow.flow.chunked_jacobi import chunked_jacobi
 
         x_perm = chunked_jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     elif opts.sampler == "jacobi":
@@ -122,7 +121,20 @@ class TokenDecoder:
         return out if out.dtype == torch.float64 else out.float()
 
 
+def lean_decodable(block: FlowBlock) -> bool:
+    """Whether ``TokenDecoder`` covers this block: the original TARFlow block (learned positions, exp
+    scale, plain GELU MLP, full attention heads). Blocks with the released model's switches (rotary
+    positions, start token, softplus scale, soft clip, final norm, GQA, SwiGLU) decode through
+    ``block.extend``, which implements them."""
+    attn = block.layers[0].attention if len(block.layers) else None
+    return (block.pos_embed is not None and not block.start_token and block.scale == "exp" and not block.soft_clip
+            and block.final_norm is None and not block.layers[0].mlp.swiglu
+            and attn is not None and attn.num_kv_heads == attn.num_heads)
+
+
 def _sequential(block, z_perm, ctx, step):
+    if not lean_decodable(block):
+        return _sequential_extend(block, z_perm, ctx, step)
     B, L, _ = z_perm.shape
     dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm.device)
     out = dec.first
@@ -132,6 +144,20 @@ def _sequential(block, z_perm, ctx, step):
         x[:, i] = z_perm[:, i] * torch.exp(alpha) + mu
         if i + 1 < L:
             out = dec.step(step.feed(x[:, i]), i)
+    return x
+
+
+def _sequential_extend(block, z_perm, ctx, step):
+    """Cached sequential decoding through ``block.extend`` (every architecture switch)."""
+    B, L, _ = z_perm.shape
+    caches = block.new_caches(ctx)
+    out = block.prefill(ctx, caches, _rows(z_perm, step.guided), z_perm.device)
+    x = torch.empty_like(z_perm)
+    for i in range(L):
+        mu, alpha = step.params(out, i)
+        x[:, i:i + 1] = z_perm[:, i:i + 1] * torch.exp(alpha) + mu
+        if i + 1 < L:
+            out = block.extend(step.feed(x[:, i:i + 1]), i, ctx, caches)
     return x
 
 

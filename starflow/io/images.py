@@ -10,6 +10,8 @@ from PIL import Image
 
 from starflow.data.spaces import bins_to_uint8 as to_uint8  # noqa: F401  (model space [-1, 1] -> uint8)
 from starflow.data.spaces import dequantize  # noqa: F401  (re-exported: the conversions live in data.spaces)
+from starflow.errors import NonFiniteError, check_output_dir
+from starflow.io.hub import atomic_write
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -57,7 +59,6 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale
 
 def check_finite_images(images: torch.Tensor, what: str) -> None:
     """Raise ``NonFiniteError`` if float images hold NaN or infinity (they would be written as black)."""
-    from starflow.errors import NonFiniteError
 
     if images.is_floating_point() and not bool(torch.isfinite(images).all()):
         bad = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(1).sum()) if images.ndim > 1 else 1
@@ -67,7 +68,6 @@ def check_finite_images(images: torch.Tensor, what: str) -> None:
 
 def save_pil(image: Image.Image, path: str) -> None:
     """Write a PIL image through the atomic writer (free space checked, never a half file)."""
-    from starflow.io.hub import atomic_write
 
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt), need=image.width * image.height * len(image.getbands()))
@@ -78,7 +78,6 @@ def save_images(images: torch.Tensor, out: str, grid: bool = True, nrow: int | N
     """Save a batch as one PNG grid (``out`` is a file; tiles enlarged ``scale`` times, 0 = automatic) or
     one PNG per image at its own size (``out`` is a folder, files numbered from ``start``, so a large
     batch can be saved in chunks)."""
-    from starflow.errors import check_output_dir
 
     check_finite_images(images, f"images for {out}")
     if grid:

@@ -193,7 +193,7 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     (its parameters are not given to the optimiser and stay bit-identical)."""
     if cfg.sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {cfg.sigma}")
-    from starflow.data.latents import encode_images
+    from starflow.data.latents import encode_images  # lazy: only the components a recipe uses are imported
 
     torch.manual_seed(cfg.seed)
     ft = copy.deepcopy(ae).to(device)
@@ -247,6 +247,7 @@ def config_to_dict(cfg) -> dict:
 
 def load_images(name: str, split: str, image_size: int | None = None, channels: int = 3) -> tuple[torch.Tensor, object]:
     """uint8 images [N,C,H,W] of a named dataset (``mnist``, ``digits``, ``shapes[:N]``, ``folder:PATH``)."""
+    # lazy: only the components a recipe uses are imported
     from starflow.data.latents import dataset_images, load_named_dataset
 
     ds = load_named_dataset(name, split, image_size=image_size, channels=channels)

@@ -22,15 +22,16 @@ def build_trainer(run: RunConfig) -> Trainer:
     base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
     dataset, autoencoder, decoder = base, None, None
     if tcfg.autoencoder:
+        # lazy: only the components a recipe uses are imported
         from starflow.components.autoencoder import resolve_autoencoder
-        from starflow.data.latents import LatentDataset
+        from starflow.data.latents import LatentDataset  # lazy: only the components a recipe uses are imported
 
         autoencoder = resolve_autoencoder(tcfg.autoencoder, image_channels=base.image_shape[0])
         dataset = LatentDataset(autoencoder, base, f"{tcfg.dataset}-{tcfg.dataset_size}", "train")
         _check_shape(dataset.latent_shape, mcfg, f"the {tcfg.autoencoder!r} latent of {tcfg.dataset!r}")
         decoder = resolve_autoencoder(tcfg.decoder) if tcfg.decoder else autoencoder
     elif getattr(mcfg, "buckets", None):
-        from starflow.data.buckets import BucketedImages
+        from starflow.data.buckets import BucketedImages  # lazy: only the components a recipe uses are imported
 
         if not hasattr(base, "load_pil"):
             raise ValueError("model.buckets (aspect-ratio buckets) needs an image-folder dataset (folder:PATH)")
@@ -45,8 +46,8 @@ def build_trainer(run: RunConfig) -> Trainer:
         model = model_class(run.model_type)(mcfg)
     condition_fn = preview = text_encoder = None
     if tcfg.text_encoder:
-        from starflow.data.captioned import TextTable
-        from starflow.components.text_encoder import TextEncoder
+        from starflow.data.captioned import TextTable  # lazy: only the components a recipe uses are imported
+        from starflow.components.text_encoder import TextEncoder  # lazy: only the components a recipe uses are imported
 
         if not hasattr(base, "captions"):
             raise ValueError(f"dataset {tcfg.dataset!r} has no captions; text_encoder needs a captioned dataset")
@@ -65,7 +66,7 @@ def build_trainer(run: RunConfig) -> Trainer:
         raise ValueError(f"dataset has {base.num_classes} classes but model.num_classes is {mcfg.num_classes}")
 
     def pipeline_factory(m):
-        from starflow.pipeline import StarflowPipeline
+        from starflow.pipeline import StarflowPipeline  # lazy: only the components a recipe uses are imported
 
         return StarflowPipeline(m, decoder, text_encoder, tcfg.noise_std)
 

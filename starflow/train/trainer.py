@@ -140,7 +140,7 @@ class Trainer(BatchMixin, ExportMixin):
         return {"y": torch.arange(16) % k} if k else {}
 
     def pipeline(self, model):
-        from starflow.pipeline import StarflowPipeline
+        from starflow.pipeline import StarflowPipeline  # lazy: the pipeline and its components only for previews and export
 
         return self.pipeline_factory(model) if self.pipeline_factory else StarflowPipeline(model)
 
