@@ -18,6 +18,12 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
                "list": "a list", "tuple": "a list", "None": "null", "object": "anything"}
 
 
+def require(cond: bool, name: str, msg: str) -> None:
+    """Raise ``ConfigError("name: msg")`` unless ``cond``: the one-line range check of every config."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

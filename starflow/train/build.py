@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from starflow.config import RunConfig
+from starflow.train.recipe import RunConfig
 from starflow.data import build_dataset
 from starflow.models import model_class
 from starflow.train.trainer import Trainer
