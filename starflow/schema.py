@@ -73,6 +73,14 @@ def check_types(cfg) -> None:
             raise ConfigError(f"{f.name}: must be {expected}{finite}, got {value!r} ({type(value).__name__})")
 
 
+def check_noise_std(cfg) -> None:
+    """A model config's ``noise_std``: the std of the Gaussian noise its training data carried (the model
+    learned the density of data + N(0, noise_std^2)), recorded by the trainer; None = not recorded (a
+    folder saved before configs held it: its pipeline's model_index.json does)."""
+    value = cfg.noise_std
+    require(value is None or value >= 0, "noise_std", f"must be >= 0 or null, got {value}")
+
+
 def check_positive(cfg, names) -> None:
     for name in names:
         value = getattr(cfg, name)

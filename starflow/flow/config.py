@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starflow.schema import check_model_memory, check_types, is_int, require, transformer_params
+from starflow.schema import check_model_memory, check_noise_std, check_types, is_int, require, transformer_params
 
 
 @dataclass
@@ -51,9 +51,11 @@ class FlowConfig:
     learned_null: bool = True     # False: no learned null condition; guidance takes an explicit negative
     text_padding: str = "mask"    # "mask": padded text tokens are hidden; "attend": states are zero-padded
                                   # to max_text_tokens and all attended (the released model's prefix)
+    noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
 
     def __post_init__(self):
         check_types(self)
+        check_noise_std(self)
         require(self.in_channels > 0, "in_channels", f"must be positive, got {self.in_channels}")
         require(self.patch_size > 0, "patch_size", f"must be positive, got {self.patch_size}")
         require(self.image_size % self.patch_size == 0, "image_size",

@@ -71,7 +71,7 @@ from starflow.io.hub import PretrainedMixin
 from starflow.nn.attention import KVCache
 from starflow.peers.flowar_layers import ARBlock, FlowHead, block_causal_mask  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
-from starflow.schema import check_model_memory, check_types, transformer_params
+from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
 from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
@@ -113,9 +113,11 @@ class FlowARConfig:
     guidance_ramp: str = "starflow"  # scale i of K: "starflow" w (i+1)/K, or "flowar" w i/(K-1)
     guidance_max_t: float = 1.0  # guide only while t <= this (official: 0.9, FlowAR-H 0.7)
     upsample: str = "nearest"  # next scale's AR input: "nearest" or "bicubic-area" (official)
+    noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
 
     def __post_init__(self):
         check_types(self)
+        check_noise_std(self)
         if self.sample_schedule not in ("uniform", "flowar"):
             raise ValueError(f"sample_schedule must be 'uniform' or 'flowar', got {self.sample_schedule!r}")
         if self.guidance_ramp not in GUIDANCE_RAMPS:

@@ -27,6 +27,17 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def record_noise_std(model_config, train: TrainConfig) -> None:
+    """Write the training noise into the model's config (in place), so the saved model says which
+    distribution it learned (data + N(0, noise_std^2)). A model config that already names a different
+    value contradicts the recipe and is refused."""
+    if model_config.noise_std is None:
+        model_config.noise_std = train.noise_std
+    elif model_config.noise_std != train.noise_std:
+        raise ConfigError(f"model.noise_std is {model_config.noise_std} but train.noise_std is {train.noise_std}; "
+                          "the model records the noise it was trained with (set train.noise_std only)")
+
+
 def _build(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
