@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from starflow.nn.attention import CAUSAL, KVCache, SelfAttention, attention_mask  # noqa: F401  (re-exported)
+from starflow.nn.attention import KVCache, SelfAttention
 from starflow.nn.mlp import MLP
-from starflow.nn.norms import OffsetRMSNorm, make_norm, norm_2d  # noqa: F401  (re-exported)
+from starflow.nn.norms import make_norm, norm_2d
 
 
 class Attention(SelfAttention):
