@@ -69,12 +69,13 @@ from einops import rearrange
 
 from starflow.io.hub import PretrainedMixin
 from starflow.nn.attention import KVCache
+from starflow.nn.embeddings import sincos_pos_embed
+from starflow.peers.conditioning import Condition, ConditionEncoder
 from starflow.peers.flowar_layers import ARBlock, FlowHead, block_causal_mask  # noqa: F401  (re-exported)
-from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
-from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
 from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
+from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 
 GUIDANCE_RAMPS = ("starflow", "flowar")
 

@@ -14,7 +14,7 @@ table can be SD3's (`pos_embed="sd3"`, persisted in the state dict), and image b
 SD3.5-medium's second, image-only attention (`dual_attention_layers`). Defaults are unchanged.
 
 The layers it shares with the flow and FlowAR (attention, norms, MLP, embeddings, adaLN) live in
-starflow/nn/ and are re-exported here; `Condition` / `ConditionEncoder` live in conditioning.py.
+starflow/nn/; `Condition` / `ConditionEncoder` live in conditioning.py.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from starflow.nn.adaln import FinalLayer, adaln_norm, init_adaln_zero, modulate  # noqa: F401  (re-exported)
+from starflow.nn.adaln import FinalLayer, adaln_norm, init_adaln_zero, modulate
 from starflow.nn.attention import SelfAttention, attend, merge_heads, split_heads
-from starflow.nn.embeddings import POS_EMBED_STYLES, TimestepEmbedder, sd3_pos_embed, sincos_pos_embed  # noqa: F401
-from starflow.nn.mlp import FeedForward  # noqa: F401  (re-exported)
-from starflow.nn.norms import RMSNorm  # noqa: F401  (re-exported)
-from starflow.peers.conditioning import Condition, ConditionEncoder  # noqa: F401  (re-exported)
+from starflow.nn.embeddings import POS_EMBED_STYLES, TimestepEmbedder, sd3_pos_embed, sincos_pos_embed
+from starflow.nn.mlp import FeedForward
+from starflow.nn.norms import RMSNorm
+from starflow.peers.conditioning import Condition
 
 
 def qk_norm_layer(head_dim: int, enabled: bool) -> nn.Module:
