@@ -23,7 +23,9 @@ import time
 
 import torch
 
-from starflow.config import FlowConfig, TrainConfig, RunConfig
+from starflow.flow.config import FlowConfig
+from starflow.train.config import TrainConfig
+from starflow.train.recipe import RunConfig
 from starflow.peers.flowar import FlowARConfig
 from starflow.peers.rectified_flow import RectifiedFlowConfig
 

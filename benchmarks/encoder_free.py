@@ -90,7 +90,7 @@ def try_lm_init(lm, recipe_model) -> list[tuple[str, str]]:
 
 
 def train_one(name: str, text_encoder: str, cond_dim: int, steps: int, out_dir: str, threads: int) -> dict:
-    from starflow.config import load_run_config
+    from starflow.train.recipe import load_run_config
     from starflow.train.build import build_trainer
 
     if os.path.isdir(out_dir):
@@ -188,7 +188,7 @@ def main(argv=None):
         gc.collect()
 
         if not args.skip_lm_init:
-            from starflow.config import load_run_config
+            from starflow.train.recipe import load_run_config
             from starflow.models import model_class
 
             t0 = time.time()

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from starflow.config import FlowConfig
+from starflow.flow.config import FlowConfig
 
 
 def _layer_flops(width: int, mlp_ratio: float, keys: float) -> float:

@@ -16,7 +16,7 @@ import time
 import torch
 
 from starflow import STARFlow, TrainConfig
-from starflow.config import FlowConfig
+from starflow.flow.config import FlowConfig
 from starflow.io.shipped import DEFAULT_DIGITS_MODEL
 from starflow.pipeline import load_pretrained
 

@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from starflow.config import FlowConfig, RunConfig, TrainConfig
+from starflow.flow.config import FlowConfig
+from starflow.train.config import TrainConfig
+from starflow.train.recipe import RunConfig
 
 
 def run_config(space: str, steps: int, out: str, width: int) -> RunConfig:

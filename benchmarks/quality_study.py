@@ -74,7 +74,7 @@ def _eval(model_dir: str, out: str, n: int, log: str, extra: list[str]) -> dict:
 def _flop_fraction(run_dir: str, steps: int, batch: int, seconds: float, peak: float) -> float | None:
     from flops import forward_flops
 
-    from starflow.config import FlowConfig
+    from starflow.flow.config import FlowConfig
 
     model_dir = os.path.join(run_dir, "model")
     nested = os.path.join(model_dir, "model", "config.json")  # a pipeline folder keeps the flow in model/

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import forward_flops, measure_matmul_peak  # noqa: E402
 
-from starflow.config import load_run_config  # noqa: E402
+from starflow.train.recipe import load_run_config  # noqa: E402
 from starflow.models import model_class  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ __all__ = ["STARFlow", "FlowConfig", "TrainConfig", "Condition", "StarflowPipeli
 
 # Resolved on first access so that ``import starflow`` (and ``starflow --help``) does not import torch.
 _LAZY = {
-    "FlowConfig": "starflow.config",
-    "TrainConfig": "starflow.config",
+    "FlowConfig": "starflow.flow.config",
+    "TrainConfig": "starflow.train.config",
     "Condition": "starflow.flow.condition",
     "STARFlow": "starflow.flow.model",
     "StarflowPipeline": "starflow.pipeline",

@@ -18,6 +18,12 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
                "list": "a list", "tuple": "a list", "None": "null", "object": "anything"}
 
 
+def require(cond: bool, name: str, msg: str) -> None:
+    """Raise ``ConfigError("name: msg")`` unless ``cond``: the one-line range check of every config."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -65,6 +71,14 @@ def check_types(cfg) -> None:
             expected = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds)
             finite = " (finite)" if "float" in kinds and is_number(value) else ""
             raise ConfigError(f"{f.name}: must be {expected}{finite}, got {value!r} ({type(value).__name__})")
+
+
+def check_noise_std(cfg) -> None:
+    """A model config's ``noise_std``: the std of the Gaussian noise its training data carried (the model
+    learned the density of data + N(0, noise_std^2)), recorded by the trainer; None = not recorded (a
+    folder saved before configs held it: its pipeline's model_index.json does)."""
+    value = cfg.noise_std
+    require(value is None or value >= 0, "noise_std", f"must be >= 0 or null, got {value}")
 
 
 def check_positive(cfg, names) -> None:

@@ -405,7 +405,7 @@ def test_tweedie_through_the_flow_model_is_per_example_and_matches_finite_differ
     """Through the real flow's exact log_prob: batching does not mix examples, and the score agrees with a
     central finite difference of log p along a random direction."""
     flow_model = pytest.importorskip("starflow.flow.model")
-    config = pytest.importorskip("starflow.config")
+    config = pytest.importorskip("starflow.flow.config")
     torch.manual_seed(0)
     cfg = config.FlowConfig(in_channels=4, image_size=4, patch_size=1, width=32, head_dim=16, num_blocks=2,
                             layers_per_block=1, num_classes=10)

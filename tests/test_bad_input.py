@@ -4,7 +4,8 @@ import torch
 
 from conftest import tiny_config
 from starflow import FlowConfig, STARFlow
-from starflow.config import ConfigError, load_run_config
+from starflow.errors import ConfigError
+from starflow.train.recipe import load_run_config
 
 
 def test_config_errors_name_the_field():

@@ -81,7 +81,9 @@ def test_training_on_a_folder_of_mixed_aspect_images(tmp_path):
     import json
     import os
 
-    from starflow.config import FlowConfig, RunConfig, TrainConfig
+    from starflow.flow.config import FlowConfig
+    from starflow.train.config import TrainConfig
+    from starflow.train.recipe import RunConfig
     from starflow.train.build import build_trainer
 
     folder = tmp_path / "imgs" / "only"

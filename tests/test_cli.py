@@ -91,7 +91,7 @@ def test_peer_models_train_and_sample_through_the_same_cli(tmp_path, model_type,
 def test_shipped_recipes_build():
     import glob
 
-    from starflow.config import load_run_config
+    from starflow.train.recipe import load_run_config
     from starflow.models import model_class
 
     for path in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")):

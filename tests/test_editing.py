@@ -200,7 +200,7 @@ def test_edit_model_is_exact_reads_the_source_and_loads(tmp_path):
 
 
 def test_edit_pipeline_and_training_with_the_project_trainer(tmp_path):
-    from starflow.config import TrainConfig
+    from starflow.train.config import TrainConfig
 
     torch.manual_seed(0)
     data = EditDataset("train", size=16, image_size=8)

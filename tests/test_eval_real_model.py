@@ -13,7 +13,7 @@ pytest.importorskip("starflow.flow.model")
 
 
 def _tiny_pipeline(tmp_path, latent: bool):
-    from starflow.config import FlowConfig
+    from starflow.flow.config import FlowConfig
     from starflow.flow.model import STARFlow
     from starflow.pipeline import StarflowPipeline
 

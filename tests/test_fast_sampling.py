@@ -3,7 +3,7 @@ plan samplers (selective, segment, auto) with their stored calibration."""
 import pytest
 import torch
 
-import starflow.nn.transformer as T
+import starflow.nn.attention as T
 from conftest import perturbed, tiny_config
 from starflow import STARFlow
 from starflow.flow.sampling import SAMPLERS

@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from starflow.config import ConfigError, TrainConfig, load_run_config
+from starflow.errors import ConfigError
+from starflow.train.config import TrainConfig
+from starflow.train.recipe import load_run_config
 from starflow.train import checkpoint as ckpt
 from starflow.train.build import build_trainer
 

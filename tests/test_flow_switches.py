@@ -142,7 +142,7 @@ def test_l2r_flips_block_order():
 
 
 def test_switch_config_errors():
-    from starflow.config import ConfigError
+    from starflow.errors import ConfigError
 
     for bad, field in [(dict(positions="sinusoid"), "positions"), (dict(scale="sigmoid"), "scale"),
                        (dict(num_kv_heads=3), "num_kv_heads"), (dict(deep_width=40), "deep_width"),

@@ -12,7 +12,9 @@ import os
 import pytest
 import torch
 
-from starflow.config import FlowConfig, RunConfig, TrainConfig
+from starflow.flow.config import FlowConfig
+from starflow.train.config import TrainConfig
+from starflow.train.recipe import RunConfig
 from starflow.models import MODEL_TYPES, model_class, model_types, register
 from starflow.peers import FlowARConfig, RectifiedFlowConfig
 from starflow.pipeline import StarflowPipeline

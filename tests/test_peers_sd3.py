@@ -14,7 +14,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: E402
 from starflow.cli import main  # noqa: E402
 from starflow.peers import RectifiedFlow  # noqa: E402
 from starflow.peers.convert import from_diffusers_sd3  # noqa: E402
-from starflow.peers.mmdit import sd3_pos_embed  # noqa: E402
+from starflow.nn.embeddings import sd3_pos_embed  # noqa: E402
 from starflow.peers.schedules import diffusers_sigmas, dynamic_shift_mu, sd3_sigmas, uniform_sigmas  # noqa: E402
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,

@@ -1,7 +1,7 @@
 """The one learning-rate schedule (warm-up then cosine) used by the flow and autoencoder trainers."""
 import math
 
-from starflow.config import TrainConfig
+from starflow.train.config import TrainConfig
 from starflow.train.schedule import warmup_cosine
 from starflow.train.trainer import lr_factor
 

@@ -231,7 +231,7 @@ def _lm_attention_sublayer(layer, x, pre_norm):
 
 
 def test_llama_init_maps_attention(llama_dir):
-    from starflow.nn.transformer import attention_mask
+    from starflow.nn.attention import attention_mask
 
     lm = load_causal_lm(lm_dir=llama_dir)
     lm.config._attn_implementation = "eager"
@@ -283,7 +283,7 @@ def test_gemma_style_init_qk_norm_and_scale(tmp_path):
     """Gemma 3 layout: (1 + w) norm gains, per-head q/k norms, sandwich norms, a non-default attention scale."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from starflow.nn.transformer import attention_mask
+    from starflow.nn.attention import attention_mask
 
     torch.manual_seed(3)
     cfg = Gemma3TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

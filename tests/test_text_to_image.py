@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from starflow.cli import main
-from starflow.config import FlowConfig, RunConfig, TrainConfig
+from starflow.flow.config import FlowConfig
+from starflow.train.config import TrainConfig
+from starflow.train.recipe import RunConfig
 from starflow.pipeline import StarflowPipeline
 from starflow.train.build import build_trainer
 

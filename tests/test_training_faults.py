@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from starflow.cli import build_parser
-from starflow.config import load_run_config
+from starflow.train.recipe import load_run_config
 from starflow.errors import TrainingError
 from starflow.train import checkpoint as ckpt
 from starflow.train.build import build_trainer

@@ -49,7 +49,7 @@ def parse_overrides(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from starflow.config import load_run_config  # lazy: sub-command help must not import torch
+    from starflow.train.recipe import load_run_config  # lazy: sub-command help must not import torch
     from starflow.train import distributed  # lazy: sub-command help must not import torch
     from starflow.train.build import build_trainer  # lazy: sub-command help must not import torch
     from starflow.train.trainer import TrainingInterrupted  # lazy: sub-command help must not import torch

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from starflow.config import FlowConfig
+from starflow.flow.config import FlowConfig
 from starflow.flow.model import STARFlow
 
 _LAYER = re.compile(r"blocks\.(\d+)\.attn_blocks\.(\d+)\.(.*)")

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from starflow.config import FlowConfig
+from starflow.flow.config import FlowConfig
 from starflow.errors import CheckpointError, ConfigError
 from starflow.flow.model import STARFlow
 from starflow.io.hub import load_safetensors

@@ -27,6 +27,7 @@ from starflow.data import DigitsDataset
 from starflow.data.spaces import uint8_to_linear
 from starflow.evaluation.features import to_unit_range
 from starflow.io.hub import PretrainedMixin, atomic_write_bytes
+from starflow.schema import check_types
 
 __all__ = [
     "DigitClassifierConfig",
@@ -49,6 +50,9 @@ class DigitClassifierConfig:
     width: int = 24
     hidden: int = 128
     dropout: float = 0.3
+
+    def __post_init__(self):
+        check_types(self)
 
 
 def _block(cin, cout):

@@ -24,8 +24,10 @@ import math
 import torch.nn.functional as F
 
 from starflow.flow.condition import Condition, ConditionEmbedding
+from starflow.nn.attention import KVCache, attention_mask
+from starflow.nn.norms import OffsetRMSNorm
 from starflow.nn.rope import Rotary, rope_angles
-from starflow.nn.transformer import KVCache, OffsetRMSNorm, TransformerLayer, attention_mask
+from starflow.nn.transformer import TransformerLayer
 
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(INV_SOFTPLUS_1) = 1: a zero output is the identity
 

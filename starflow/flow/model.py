@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from starflow.config import FlowConfig, check_flow_memory
+from starflow.flow.config import FlowConfig, check_flow_memory
 from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition

@@ -68,12 +68,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from starflow.io.hub import PretrainedMixin
-from starflow.peers.flowar_layers import ARBlock, FlowHead, LayerKV, block_causal_mask  # noqa: F401  (re-exported)
-from starflow.peers.mmdit import Condition, ConditionEncoder, sincos_pos_embed
-from starflow.schema import check_model_memory, check_types, transformer_params
+from starflow.nn.attention import KVCache
+from starflow.nn.embeddings import sincos_pos_embed
+from starflow.peers.conditioning import Condition, ConditionEncoder
+from starflow.peers.flowar_layers import ARBlock, FlowHead, block_causal_mask  # noqa: F401  (re-exported)
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
 from starflow.peers.schedules import flowar_sigmas, uniform_sigmas
+from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 
 GUIDANCE_RAMPS = ("starflow", "flowar")
 
@@ -112,9 +114,11 @@ class FlowARConfig:
     guidance_ramp: str = "starflow"  # scale i of K: "starflow" w (i+1)/K, or "flowar" w i/(K-1)
     guidance_max_t: float = 1.0  # guide only while t <= this (official: 0.9, FlowAR-H 0.7)
     upsample: str = "nearest"  # next scale's AR input: "nearest" or "bicubic-area" (official)
+    noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
 
     def __post_init__(self):
         check_types(self)
+        check_noise_std(self)
         if self.sample_schedule not in ("uniform", "flowar"):
             raise ValueError(f"sample_schedule must be 'uniform' or 'flowar', got {self.sample_schedule!r}")
         if self.guidance_ramp not in GUIDANCE_RAMPS:
@@ -244,9 +248,10 @@ class FlowAR(nn.Module, PretrainedMixin):
         keys = torch.cat([prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], sum(sizes[1:]))], dim=1)
         return causal[None, None] & keys[:, None, None, :]
 
-    def run_ar(self, tokens: torch.Tensor, mask: torch.Tensor, cache: list[LayerKV] | None = None) -> torch.Tensor:
+    def run_ar(self, tokens: torch.Tensor, mask: torch.Tensor, cache: list[KVCache] | None = None,
+               start: int = 0) -> torch.Tensor:
         for j, block in enumerate(self.blocks):
-            tokens = block(tokens, mask, None if cache is None else cache[j])
+            tokens = block(tokens, mask, None if cache is None else cache[j], start)
         return self.norm(tokens)
 
     def semantics(self, cond: Condition, prev_ups: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -258,7 +263,7 @@ class FlowAR(nn.Module, PretrainedMixin):
         h = self.run_ar(torch.cat(seq, dim=1), self.attention_mask(prefix_mask))
         return list(h[:, prefix.shape[1]:].split([s * s for s in self.config.scales], dim=1))
 
-    def semantics_step(self, i: int, cond_prefix, prev_up: torch.Tensor | None, cache: list[LayerKV]) -> torch.Tensor:
+    def semantics_step(self, i: int, cond_prefix, prev_up: torch.Tensor | None, cache: list[KVCache]) -> torch.Tensor:
         """Cached pass for scale i only (scale 0 also pushes the prefix). Returns s^i."""
         prefix, prefix_mask = cond_prefix
         b = prefix.shape[0]
@@ -269,12 +274,17 @@ class FlowAR(nn.Module, PretrainedMixin):
         end = start + chunk.shape[1]
         mask = self.attention_mask(prefix_mask)[:, :, start:end, :end]
         side = self.config.scales[i]
-        return self.run_ar(chunk, mask, cache)[:, -side * side:]
+        return self.run_ar(chunk, mask, cache, start)[:, -side * side:]
+
+    def new_cache(self, cond_prefix) -> list[KVCache]:
+        """One KV cache per AR block, long enough for the prefix and every scale."""
+        length = cond_prefix[0].shape[1] + sum(s * s for s in self.config.scales)
+        return [KVCache(length) for _ in self.blocks]
 
     def semantics_cached(self, cond: Condition, prev_ups: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """Same as `semantics`, scale by scale through the KV cache (what sampling does)."""
-        cache = [LayerKV() for _ in self.blocks]
         cond_prefix = self.prefix(cond)
+        cache = self.new_cache(cond_prefix)
         return [self.semantics_step(i, cond_prefix, prev_ups[i], cache) for i in range(len(self.config.scales))]
 
     # ---- training --------------------------------------------------------------------------
@@ -335,7 +345,7 @@ class FlowAR(nn.Module, PretrainedMixin):
         else:
             cond = self.condition(n, y, text, device=device)
         cond_prefix = self.prefix(cond)
-        cache = [LayerKV() for _ in self.blocks]
+        cache = self.new_cache(cond_prefix)
         x = None
         for i, side in enumerate(c.scales):
             prev_up = None

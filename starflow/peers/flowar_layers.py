@@ -1,5 +1,5 @@
-"""FlowAR's building blocks: the block-causal AR transformer's layers (with a KV cache) and the
-flow-matching head with Spatial-adaLN. The model that assembles them is in flowar.py."""
+"""FlowAR's building blocks: the block-causal AR transformer's layers and the flow-matching head with
+Spatial-adaLN, made of the shared layers in starflow/nn/. The model that assembles them is in flowar.py."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,44 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from starflow.peers.mmdit import FeedForward, FinalLayer, TimestepEmbedder, init_adaln_zero, modulate, sincos_pos_embed
+from starflow.nn.adaln import FinalLayer, adaln_norm, init_adaln_zero, modulate
+from starflow.nn.attention import KVCache, SelfAttention
+from starflow.nn.embeddings import TimestepEmbedder, sincos_pos_embed
+from starflow.nn.mlp import FeedForward
 
 # --------------------------------------------------------------------------------------------
-# Attention with an optional KV cache
+# AR transformer
 # --------------------------------------------------------------------------------------------
-
-
-class LayerKV:
-    """Keys and values of every position one attention layer has processed so far."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor):
-        # Scales arrive in a handful of chunks, so concatenation (not a preallocated buffer) is cheap.
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKV | None = None):
-        """mask: bool [B, 1, Lq, Lk] (True = may attend), Lk = cached + new positions."""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        if cache is not None:
-            k, v = cache.extend(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class ARBlock(nn.Module):
@@ -59,8 +29,9 @@ class ARBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = FeedForward(width, mlp_ratio)
 
-    def forward(self, x, mask, cache=None):
-        x = x + self.attn(self.norm1(x), mask, cache)
+    def forward(self, x, mask, cache: KVCache | None = None, start: int = 0):
+        """mask: bool [B, 1, Lq, Lk] (True = may attend); with a cache, x holds positions start.. and Lk = start + Lq."""
+        x = x + self.attn(self.norm1(x), mask, cache, start)
         return x + self.mlp(self.norm2(x))
 
 
@@ -83,9 +54,9 @@ class SpatialAdaLNBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm1 = adaln_norm(width)
         self.attn = SelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = adaln_norm(width)
         self.mlp = FeedForward(width, mlp_ratio)
         self.modulation = nn.Linear(width, 6 * width)
 

@@ -29,7 +29,7 @@ from starflow.peers.conditioning import Condition, ConditionEncoder, repeat_cond
 from starflow.peers.mmdit import MMDiT
 from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler,
                                      schedule_sigmas, uniform_sigmas)
-from starflow.schema import check_model_memory, check_types, transformer_params
+from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 
 SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
 NULL_CONDITIONS = ("learned", "negative")
@@ -209,9 +209,11 @@ class RectifiedFlowConfig:
     pos_embed_max_size: int = 0  # sd3 table: side of the table the grid is cropped from (0 = grid)
     pos_embed_base_size: int = 0  # sd3 table: grid the positions are scaled to (0 = grid)
     dual_attention_layers: tuple = ()  # blocks with SD3.5-medium's extra image-only attention
+    noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
 
     def __post_init__(self):
         check_types(self)
+        check_noise_std(self)
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
         if self.sample_schedule not in SCHEDULES:
             raise ValueError(f"unknown sample_schedule {self.sample_schedule!r}; choose one of {SCHEDULES}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from starflow.components.autoencoder import Autoencoder, images_to_float
+from starflow.schema import check_types
 from starflow.train.schedule import warmup_cosine
 
 
@@ -45,6 +46,9 @@ class AutoencoderTrainConfig:
     log_every: int = 100
     grad_clip: float = 1.0
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclass
 class FinetuneConfig:
@@ -59,6 +63,9 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 100
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        check_types(self)
 
 
 def build_autoencoderkl(image_channels: int, image_size: int, cfg: AutoencoderTrainConfig):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from starflow.config import RunConfig
 from starflow.data import build_dataset
 from starflow.models import model_class
+from starflow.train.recipe import RunConfig, record_noise_std
 from starflow.train.trainer import Trainer
 
 
@@ -19,6 +19,7 @@ def _check_shape(shape, mcfg, what: str) -> None:
 
 def build_trainer(run: RunConfig) -> Trainer:
     mcfg, tcfg = run.model, run.train
+    record_noise_std(mcfg, tcfg)
     base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
     dataset, autoencoder, decoder = base, None, None
     if tcfg.autoencoder:

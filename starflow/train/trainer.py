@@ -35,7 +35,7 @@ from dataclasses import asdict
 
 import torch
 
-from starflow.config import TrainConfig
+from starflow.train.config import TrainConfig
 from starflow.errors import TrainingError, as_output_error, check_output_dir
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils

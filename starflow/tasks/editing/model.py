@@ -11,7 +11,7 @@ import torch.nn as nn
 from starflow.components.autoencoder import Autoencoder
 from starflow.components.postprocess import denoise_and_decode
 from starflow.components.text_encoder import TextEncoder
-from starflow.config import FlowConfig
+from starflow.flow.config import FlowConfig
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.model import STARFlow

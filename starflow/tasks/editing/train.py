@@ -7,7 +7,8 @@ import torch
 
 from starflow.components.autoencoder import resolve_autoencoder
 from starflow.components.text_encoder import TextEncoder
-from starflow.config import FlowConfig, TrainConfig
+from starflow.flow.config import FlowConfig
+from starflow.train.config import TrainConfig
 from starflow.data.captioned import TextTable
 from starflow.pipeline import StarflowPipeline
 from starflow.tasks.editing.data import EditDataset
