@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 import math
 import os
 
@@ -151,8 +152,25 @@ class STARFlow(nn.Module, PretrainedMixin):
         return (rows + torch.arange(grid[1], device=device)[None, :]).flatten()
 
     # ---- conditions ------------------------------------------------------------------------
-    def make_condition(self, batch: int, y=None, text=None, device=None) -> Condition | None:
-        """Validate user-facing labels / text states and wrap them. None -> unconditional (null)."""
+    def make_condition(self, batch: int, y=None, text=None, device=None, cond: Condition | None = None) -> Condition | None:
+        """Validate a ``Condition`` (or the legacy labels ``y`` / text states ``text``) and put it in the
+        form the blocks read. None -> unconditional (null). The drop mask and the source prefix travel on;
+        a condition already in this form comes back unchanged."""
+        if cond is not None:
+            if y is not None or text is not None:
+                raise ValueError("give the condition either as cond or as y / text, not both")
+            y, text = cond.labels, None if cond.text is None else (cond.text, cond.text_mask)
+            made = self._validated(batch, y, text, device)
+            if made is None:
+                return None
+            if cond.drop is not None and (cond.labels is not None or cond.text is not None):
+                made = made.with_drop(cond.drop.reshape(-1))
+            if cond.source is not None:
+                made = replace(made, source=cond.source.to(device) if device is not None else cond.source)
+            return made
+        return self._validated(batch, y, text, device)
+
+    def _validated(self, batch: int, y, text, device) -> Condition | None:
         c = self.config
         if not c.conditional:
             if y is not None or text is not None:
@@ -187,8 +205,7 @@ class STARFlow(nn.Module, PretrainedMixin):
         """Images x [B, C, H, W] -> (noise z of the same shape, log|det dz/dx| per example [B])."""
         grid = self.check_input(x)
         pos = self.positions(grid, x.device)
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device)
+        cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         h = self.patchify(_at_least_fp32(x))
         logdet = torch.zeros(x.shape[0], device=x.device)
         for block in self.blocks:
@@ -201,25 +218,24 @@ class STARFlow(nn.Module, PretrainedMixin):
         z, logdet = self.forward(x, y, text, cond)
         return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
 
-    def nll(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+    def nll(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """Negative log-likelihood in nats per dimension, per example."""
-        return -self.log_prob(x, y, text) / x[0].numel()
+        return -self.log_prob(x, y, text, cond) / x[0].numel()
 
-    def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None,
+             cond: Condition | None = None) -> torch.Tensor:
         """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob.
 
-        ``cond_drop`` ([B] bool, True = use the null condition) replaces the internal draw, so a caller can
-        draw the mask for a whole global batch and hand each data-parallel rank its slice."""
-        cond = self.make_condition(x.shape[0], y, text, x.device)
+        The trainer draws the dropout mask for the whole global batch and hands each data-parallel rank
+        its slice as ``cond_drop`` ([B] bool, True = use the null condition); only a direct caller that
+        gives none gets the draw here. The source prefix of an edit model is never dropped."""
+        cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         if cond_drop is not None and (cond_drop.ndim != 1 or cond_drop.shape[0] != x.shape[0]):
             raise ValueError(f"cond_drop must be a [{x.shape[0]}] bool mask, got shape {list(cond_drop.shape)}")
         if cond is not None and self.training and self.config.cond_drop_prob > 0:
-            keep = cond.drop_mask()
             if cond_drop is None:
-                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
-            else:
-                drop = cond_drop.to(device=x.device, dtype=torch.bool)
-            cond = Condition(cond.labels, cond.text, cond.text_mask, keep | drop)
+                cond_drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            cond = cond.with_drop(cond_drop)
         return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
 
     # ---- noise -> data -----------------------------------------------------------------------
@@ -227,7 +243,7 @@ class STARFlow(nn.Module, PretrainedMixin):
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
                 sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
                 plan: list[str] | None = None, tolerance: float | None = None, return_stats: bool = False,
-                **sampler_kwargs):
+                cond: Condition | None = None, negative: Condition | None = None, **sampler_kwargs):
         """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional blocks are guided
         (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
         or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt).
@@ -255,14 +271,19 @@ class STARFlow(nn.Module, PretrainedMixin):
         if plan is not None and len(plan) != T:
             raise ValueError(f"a plan needs one entry per block ({T}), got {len(plan)}")
         per_block = [opts] * T if plan is None else [block_options(c, opts) for c in plan]
-        cond = self.make_condition(B, y, text, z.device)
+        cond = self.make_condition(B, y, text, z.device, cond)
+        if negative_y is not None or negative_text is not None:
+            if negative is not None:
+                raise ValueError("give the negative condition either as negative or as negative_y / negative_text")
+            negative = Condition.from_args(negative_y, negative_text)
         guided = guidance > 0 and cond is not None
         if guided:
-            negative = None
-            if negative_y is not None or negative_text is not None:
-                negative = self.make_condition(B, negative_y, negative_text, z.device)
+            if negative is not None:
+                if cond.source is not None and negative.source is None:  # the source prefix is never dropped
+                    negative = replace(negative, source=cond.source)
+                negative = self.make_condition(B, device=z.device, cond=negative)
             cond = cond.cat(negative if negative is not None else cond.null())
-        elif negative_y is not None or negative_text is not None:
+        elif negative is not None:
             raise ValueError("a negative condition only acts with guidance > 0")
         h = self.patchify(_at_least_fp32(z))
         iterations = [[] for _ in range(T)]
@@ -283,7 +304,8 @@ class STARFlow(nn.Module, PretrainedMixin):
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,
-               device=None, size: tuple[int, int] | None = None, **inverse_kwargs) -> torch.Tensor:
+               device=None, size: tuple[int, int] | None = None, cond: Condition | None = None,
+               **inverse_kwargs) -> torch.Tensor:
         """Draw n samples (model space, e.g. [-1, 1] pixels) of ``size`` (H, W): the square default or an
         aspect-ratio bucket. Extra arguments go to ``inverse``."""
         if n < 1:
@@ -299,10 +321,11 @@ class STARFlow(nn.Module, PretrainedMixin):
         pos = self.positions(grid, device)
         z = torch.randn((n, pos.shape[0], c.token_dim), generator=generator, device=device)
         z = z * temperature * self.prior_var[pos].sqrt()
-        return self.inverse(self.unpatchify(z, grid), y, text, **inverse_kwargs)
+        return self.inverse(self.unpatchify(z, grid), y, text, cond=cond, **inverse_kwargs)
 
     # ---- pixel likelihood ----------------------------------------------------------------------
-    def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None,
+                     cond: Condition | None = None) -> torch.Tensor:
         """Bits/dim of 8-bit images [B, C, H, W] (uint8) under uniform dequantisation, per example.
 
         u = (pixel + U[0,1)) / 256, y = 2u - 1; bpd = NLL_y / (D ln 2) + 7 (DESIGN.md §2).
@@ -310,4 +333,4 @@ class STARFlow(nn.Module, PretrainedMixin):
         if images.dtype != torch.uint8:
             raise ValueError(f"bits_per_dim takes uint8 images, got {images.dtype}")
         x = spaces.dequantize(images, generator)
-        return spaces.bits_per_dim(self.nll(x.to(self.prior_var.device), y))
+        return spaces.bits_per_dim(self.nll(x.to(self.prior_var.device), y, cond=cond))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -24,24 +24,8 @@ from starflow.tasks.encode import check_images, float_to_pixels, to_model_space
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EditCondition(Condition):
-    """A Condition plus the source image as flow tokens [B, L, D] (kept in the null / guidance branch)."""
-
-    source: torch.Tensor | None = field(default=None)
-
-    def null(self) -> "EditCondition":
-        c = super().null()
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, self.source)
-
-    def cat(self, other: "EditCondition") -> "EditCondition":
-        c = super().cat(other)
-        src = None if self.source is None else torch.cat([self.source, other.source])
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, src)
-
-    def to(self, device) -> "EditCondition":
-        c = super().to(device)
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, None if self.source is None else self.source.to(device))
+# The source image is a field of the one Condition; the old name stays importable.
+EditCondition = Condition
 
 
 class SourcePrefixBlock(FlowBlock):
@@ -78,7 +62,6 @@ class EditSTARFlow(STARFlow):
         deep = self.blocks[-1]
         deep.__class__ = SourcePrefixBlock  # same weights and behaviour, plus the source prefix
         deep.init_source(config.token_dim, config.num_tokens, config.width)
-        self._source = None
 
     @classmethod
     def from_base(cls, base: STARFlow) -> "EditSTARFlow":
@@ -102,46 +85,38 @@ class EditSTARFlow(STARFlow):
             raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
         return self.patchify(source.float())
 
-    def make_condition(self, batch, y=None, text=None, device=None, source=None):
-        cond = super().make_condition(batch, y, text, device)
-        source = self._source if source is None else source
+    def make_condition(self, batch, y=None, text=None, device=None, cond=None, source=None):
+        """The instruction as ``STARFlow.make_condition`` reads it, plus the source image (``source`` in the
+        model's space [B, C, H, W], or already as tokens in ``cond.source``)."""
+        if cond is not None and cond.source is not None and cond.source.ndim == 3:
+            if source is not None:
+                raise ValueError("give the source image once (source=... or cond.source)")
+            return super().make_condition(batch, y, text, device, cond)
+        if cond is not None and cond.source is not None:
+            source, cond = cond.source, replace(cond, source=None)
+        made = super().make_condition(batch, y, text, device, cond)
         if source is None:
             raise ValueError("an edit model needs the source image (source=...)")
         tokens = self.source_tokens(source.to(device) if device is not None else source, batch)
-        return EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop, tokens)
+        return replace(made, source=tokens)
 
     def forward(self, x, y=None, text=None, cond=None, source=None):
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        return super().forward(x, cond=cond)
+        return super().forward(x, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
     def log_prob(self, x, y=None, text=None, cond=None, source=None):
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        return super().log_prob(x, cond=cond)
+        return super().log_prob(x, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
-    def nll(self, x, y=None, text=None, source=None):
-        return -self.log_prob(x, y, text, source=source) / x[0].numel()
+    def nll(self, x, y=None, text=None, source=None, cond=None):
+        return -self.log_prob(x, y, text, cond, source=source) / x[0].numel()
 
-    def loss(self, x, y=None, text=None, source=None, cond_drop: torch.Tensor | None = None):
+    def loss(self, x, y=None, text=None, source=None, cond_drop: torch.Tensor | None = None, cond=None):
         """Mean NLL (nats/dim) of targets x given (instruction, source); the instruction (never the source)
-        is dropped to the null at ``cond_drop_prob`` (or where ``cond_drop`` is True)."""
-        cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        if self.training and self.config.cond_drop_prob > 0:
-            if cond_drop is None:
-                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
-            else:
-                drop = cond_drop.to(device=x.device, dtype=torch.bool)
-            cond = EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop_mask() | drop, cond.source)
-        return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
+        is dropped to the null as in ``STARFlow.loss``."""
+        return super().loss(x, cond_drop=cond_drop, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
     @torch.no_grad()
-    def inverse(self, z, y=None, text=None, source=None, **kwargs):
-        self._source = source
-        try:
-            return super().inverse(z, y, text, **kwargs)
-        finally:
-            self._source = None
+    def inverse(self, z, y=None, text=None, source=None, cond=None, **kwargs):
+        return super().inverse(z, cond=self.make_condition(z.shape[0], y, text, z.device, cond, source), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
