@@ -34,6 +34,7 @@ import torch
 from starflow.components.postprocess import DENOISE, denoise_and_decode
 from starflow.errors import ConfigError
 from starflow.flow.condition import Condition
+from starflow.flow.guidance import guidance_weight
 from starflow.io.hub import atomic_write_bytes, inside, read_config
 from starflow.protocols import LikelihoodModel
 
@@ -164,7 +165,7 @@ class StarflowPipeline:
                 raise ValueError(f"got {len(prompts)} prompts for {n} images")
             cond = self.prompt_condition(prompts, y=y)
             no_null = not getattr(self.model.config, "learned_null", True)
-            if kwargs.get("guidance", 0) > 0 and (negative_prompt is not None or no_null):
+            if guidance_weight(kwargs.get("guidance", 0)) > 0 and (negative_prompt is not None or no_null):
                 kwargs["negative"] = self.prompt_condition([negative_prompt or ""] * n, allow_empty=True)
         elif negative_prompt is not None:
             raise ValueError("negative_prompt needs a prompt")
@@ -180,7 +181,8 @@ class StarflowPipeline:
 
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
-        """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided)."""
+        """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided), or for a flow a
+        ``starflow.flow.guidance.Guidance`` (weight and rule)."""
         # lazy: components (diffusers, transformers) only when the folder has them
         from starflow.io.images import to_pil
 

@@ -19,7 +19,7 @@ from starflow.config import FlowConfig, check_flow_memory
 from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
-from starflow.flow.guidance import check_guidance
+from starflow.flow.guidance import Guidance
 from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
 from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
 from starflow.flow.sampling import SamplerOptions, SamplingStats, invert_block
@@ -240,11 +240,12 @@ class STARFlow(nn.Module, PretrainedMixin):
 
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
+    def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float | Guidance = 0.0, guidance_rule: str = "starflow",
                 sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
                 plan: list[str] | None = None, tolerance: float | None = None, return_stats: bool = False,
                 cond: Condition | None = None, negative: Condition | None = None, **sampler_kwargs):
-        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional blocks are guided
+        """Noise z [B, C, H, W] -> images. With guidance (a weight > 0 and ``guidance_rule``, or one
+        ``Guidance``) the conditional blocks are guided
         (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
         or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt).
 
@@ -254,14 +255,14 @@ class STARFlow(nn.Module, PretrainedMixin):
         plan only if it was calibrated at least this tight. ``return_stats``: also return SamplingStats."""
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
-        check_guidance(guidance, guidance_rule)
+        guidance = Guidance.of(guidance, guidance_rule)
         if guidance_blocks not in ("conditional", "deep"):
             raise ValueError(f"guidance_blocks must be 'conditional' or 'deep', got {guidance_blocks!r}")
         unknown = set(sampler_kwargs) - {f.name for f in dataclasses.fields(SamplerOptions)}
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; known: temperature, size, "
                              f"{', '.join(f.name for f in dataclasses.fields(SamplerOptions))}")
-        opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
+        opts = SamplerOptions(sampler=sampler, **sampler_kwargs)
         B = z.shape[0]
         T = len(self.blocks)
         if plan is None and sampler in PLAN_SAMPLERS:
@@ -276,13 +277,13 @@ class STARFlow(nn.Module, PretrainedMixin):
             if negative is not None:
                 raise ValueError("give the negative condition either as negative or as negative_y / negative_text")
             negative = Condition.from_args(negative_y, negative_text)
-        guided = guidance > 0 and cond is not None
+        guided = guidance.active and cond is not None
         if guided:
             if negative is not None:
                 if cond.source is not None and negative.source is None:  # the source prefix is never dropped
                     negative = replace(negative, source=cond.source)
                 negative = self.make_condition(B, device=z.device, cond=negative)
-            cond = cond.cat(negative if negative is not None else cond.null())
+            cond = guidance.pair(cond, negative)
         elif negative is not None:
             raise ValueError("a negative condition only acts with guidance > 0")
         h = self.patchify(_at_least_fp32(z))
@@ -294,13 +295,18 @@ class STARFlow(nn.Module, PretrainedMixin):
                 use = cond.rows(slice(0, B))  # an unguided conditional shallow block reads the positive half
             block_guided = guided and block.conditional and (guidance_blocks == "conditional" or i == 0)
             ctx = block.context(use, 2 * B if block_guided else B, z.device, pos)
-            h = invert_block(block, h, ctx, block_guided, per_block[b], iterations[b])
-        # sweeps per block window in sampling order, for benchmarks and tests
-        self.last_jacobi_iterations = [it for b in reversed(range(T)) for it in iterations[b]]
+            h = invert_block(block, h, ctx, guidance if block_guided else None, per_block[b], iterations[b])
         x = self.unpatchify(h, grid)
-        if return_stats:
-            return x, SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
-        return x
+        stats = SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
+        self._last_stats = stats  # only for the deprecated ``last_jacobi_iterations``
+        return (x, stats) if return_stats else x
+
+    @property
+    def last_jacobi_iterations(self) -> list[int] | None:
+        """Deprecated: pass ``return_stats=True`` and read ``SamplingStats.sweeps()``. The Jacobi sweeps of
+        the last ``inverse`` call, per block window in sampling order."""
+        stats = getattr(self, "_last_stats", None)
+        return None if stats is None else stats.sweeps()
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,
