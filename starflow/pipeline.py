@@ -85,7 +85,7 @@ def read_sampling(directory: str) -> dict:
 
 class StarflowPipeline:
     def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None,
-                 sampling: dict | None = None):
+                 sampling: dict | None = None, sampler=None):
         denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
         if denoise not in DENOISE:
             raise ValueError(f"unknown denoise {denoise!r}; expected one of {DENOISE}")
@@ -95,6 +95,9 @@ class StarflowPipeline:
         self.noise_std = noise_std
         self.denoise = denoise
         self.sampling = check_sampling(sampling)
+        # The sampler component (a FlowSampler for STARFlow, an EulerSampler for the peers), used when a
+        # call names none; None: the model's own default. A call's sampler= (object or name) wins.
+        self.sampler = sampler
 
     @property
     def sampling_defaults(self) -> dict:
@@ -170,6 +173,8 @@ class StarflowPipeline:
         elif negative_prompt is not None:
             raise ValueError("negative_prompt needs a prompt")
         device = device or self.device
+        if self.sampler is not None and "sampler" not in kwargs:
+            kwargs["sampler"] = self.sampler
         x = self.model.sample(n, generator=generator, device=device, cond=cond, **kwargs)
         return self.finish(x, cond=cond)
 

@@ -20,6 +20,7 @@ from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import Guidance
+from starflow.flow.samplers import FlowSampler
 from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
 from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
 from starflow.flow.sampling import SamplerOptions, SamplingStats, invert_block
@@ -241,7 +242,7 @@ class STARFlow(nn.Module, PretrainedMixin):
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float | Guidance = 0.0, guidance_rule: str = "starflow",
-                sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
+                sampler: str | FlowSampler = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
                 plan: list[str] | None = None, tolerance: float | None = None, return_stats: bool = False,
                 cond: Condition | None = None, negative: Condition | None = None, **sampler_kwargs):
         """Noise z [B, C, H, W] -> images. With guidance (a weight > 0 and ``guidance_rule``, or one
@@ -249,10 +250,17 @@ class STARFlow(nn.Module, PretrainedMixin):
         (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
         or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt).
 
-        ``sampler`` names one way for every block, or a per-block plan sampler (selective, segment,
+        ``sampler`` (a ``FlowSampler``, or its kind with the ``jacobi_*`` options as keywords) names one way for every block, or a per-block plan sampler (selective, segment,
         auto; see starflow.flow.selective_jacobi) resolved from the model's stored calibration; ``plan``
         gives the per-block choices directly. ``tolerance`` (auto and the calibrated plans): use a stored
         plan only if it was calibrated at least this tight. ``return_stats``: also return SamplingStats."""
+        if isinstance(sampler, FlowSampler):
+            if sampler_kwargs or plan is not None or tolerance is not None:
+                raise ValueError("give the sampler either as a FlowSampler or as sampler= / jacobi_* / plan / "
+                                 "tolerance, not both")
+            sampler_kwargs = sampler.inverse_kwargs()
+            sampler, plan, tolerance = (sampler_kwargs.pop("sampler"), sampler_kwargs.pop("plan", None),
+                                        sampler_kwargs.pop("tolerance", None))
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
         guidance = Guidance.of(guidance, guidance_rule)

@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from starflow.flow.samplers import EulerSampler
 from starflow.io.hub import PretrainedMixin
 from starflow.peers.flowar_layers import ARBlock, FlowHead, LayerKV, block_causal_mask  # noqa: F401  (re-exported)
 from starflow.peers.conditioning import condition_args
@@ -316,12 +317,19 @@ class FlowAR(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0,
                steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, *, negative=None, cond=None) -> torch.Tensor:
+               device: torch.device | str | None = None, *, negative=None, cond=None,
+               sampler: EulerSampler | None = None) -> torch.Tensor:
         """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
         scale; default config.sample_steps). guidance w is ramped over scales (config.guidance_ramp). The
         unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
         prompt) when given, else the learned null."""
         y, text, negative = condition_args(y, text, negative, cond)
+        if sampler is not None:
+            if not isinstance(sampler, EulerSampler) or (sampler.schedule, sampler.mu, sampler.backend) != (None, None, "euler"):
+                raise ValueError(f"FlowAR samples with an EulerSampler that sets steps only, got {sampler!r}")
+            if steps is not None:
+                raise ValueError("give steps either in the EulerSampler or as a keyword, not both")
+            steps = sampler.steps
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
                             negative=negative)
 

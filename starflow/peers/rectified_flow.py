@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from starflow.flow.samplers import EULER_SAMPLERS, EulerSampler
 from starflow.io.hub import PretrainedMixin
 from starflow.peers.conditioning import Condition, ConditionEncoder, condition_args, repeat_condition  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import MMDiT
@@ -31,7 +32,7 @@ from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu,
                                      schedule_sigmas, uniform_sigmas)
 from starflow.schema import check_model_memory, check_types, transformer_params
 
-SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
+SAMPLERS = EULER_SAMPLERS  # Euler loop: starflow's own, or diffusers' scheduler
 NULL_CONDITIONS = ("learned", "negative")
 TIMESTEP_SAMPLERS = ("logit-normal", "mode", "cosmap", "uniform")
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)  # ~1.752; beyond it the mode map is not monotone
@@ -302,7 +303,7 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0, steps: int | None = None,
                generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
                negative=None, schedule: str | None = None, sigmas: torch.Tensor | None = None,
-               mu: float | None = None, sampler: str = "euler", cond=None) -> torch.Tensor:
+               mu: float | None = None, sampler: str | EulerSampler = "euler", cond=None) -> torch.Tensor:
         """n images [n, C, H, W] by Euler integration from t=1 to t=0 (`steps` steps, default
         config.sample_steps). guidance w: v_c + w (v_c - v_u), cond and uncond rows in one batch;
         the unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
@@ -311,8 +312,12 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         Grid: `sigmas` if given, else `schedule` (default config.sample_schedule) with the config's
         shift, or dynamic shifting with `mu` (default: from the token count if config.dynamic_shift).
         sampler="diffusers" hands the loop to diffusers' FlowMatchEulerDiscreteScheduler (its own
-        sd3 grid, same shift / mu)."""
+        sd3 grid, same shift / mu). An ``EulerSampler`` gives steps, schedule, mu and the loop as one value."""
         y, text, negative = condition_args(y, text, negative, cond)
+        if isinstance(sampler, EulerSampler):
+            if steps is not None or schedule is not None or mu is not None:
+                raise ValueError("give steps / schedule / mu either in the EulerSampler or as keywords, not both")
+            steps, schedule, mu, sampler = sampler.steps, sampler.schedule, sampler.mu, sampler.backend
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
                             negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler)
 
