@@ -58,6 +58,7 @@ class FlowConfig:
     learned_null: bool = True     # False: no learned null condition; guidance takes an explicit negative
     text_padding: str = "mask"    # "mask": padded text tokens are hidden; "attend": states are zero-padded
                                   # to max_text_tokens and all attended (the released model's prefix)
+    source_prefix: bool = False   # edit models: Condition.source (the source image) prefixes the deep block
 
     def __post_init__(self):
         check_types(self)

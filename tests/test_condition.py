@@ -109,3 +109,20 @@ def test_edit_model_reads_the_source_as_a_condition_field():
     assert torch.equal(model.loss(x, text=(states, mask), source=src, cond_drop=drop), model.loss(x, cond=cond, cond_drop=drop))
     with pytest.raises(ValueError, match="once"):
         model.log_prob(x, cond=Condition(text=states, text_mask=mask, source=model.patchify(src)), source=src)
+
+
+def test_source_prefix_is_a_config_flag_not_a_class_swap():
+    torch.manual_seed(0)
+    cfg = tiny_config(in_channels=3, cond_dim=12, num_blocks=2, source_prefix=True)
+    flow = perturbed(STARFlow(cfg), 0.05, seed=3).eval()
+    edit = EditSTARFlow(tiny_config(in_channels=3, cond_dim=12, num_blocks=2))
+    assert edit.config.source_prefix and type(edit.blocks[-1]) is type(flow.blocks[-1])
+    edit.load_state_dict(flow.state_dict())
+    edit.eval()
+    states, mask, _ = _text(2)
+    x, src = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    cond = Condition(text=states, text_mask=mask, source=src)
+    # a plain STARFlow with the flag reads Condition.source exactly as the edit model reads source=
+    assert torch.equal(flow.log_prob(x, cond=cond), edit.log_prob(x, text=(states, mask), source=src))
+    with pytest.raises(ValueError, match="source"):
+        flow.log_prob(x, text=(states, mask))

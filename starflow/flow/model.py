@@ -66,7 +66,8 @@ class STARFlow(nn.Module, PretrainedMixin):
                 c.token_dim, c.num_tokens, (c.deep_width or c.width) if deep else c.width, layers[i], c.head_dim,
                 c.mlp_ratio, reverse_order=bool(i % 2) == (c.seq_order == "R2L"), norm=c.norm, qk_norm=c.qk_norm,
                 affine=c.affine, num_classes=c.num_classes if conditional else 0,
-                cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode, **switches))
+                cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode,
+                source_prefix=deep and c.source_prefix, **switches))
         self.blocks = nn.ModuleList(blocks)
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
@@ -166,8 +167,8 @@ class STARFlow(nn.Module, PretrainedMixin):
                 return None
             if cond.drop is not None and (cond.labels is not None or cond.text is not None):
                 made = made.with_drop(cond.drop.reshape(-1))
-            if cond.source is not None:
-                made = replace(made, source=cond.source.to(device) if device is not None else cond.source)
+            if cond.source is not None and self.config.source_prefix:
+                made = replace(made, source=self.source_tokens(cond.source, batch, device))
             return made
         return self._validated(batch, y, text, device)
 
@@ -200,6 +201,19 @@ class STARFlow(nn.Module, PretrainedMixin):
                 return Condition(text=_zero_padded(states.to(device), mask, c.max_text_tokens))
             return Condition(text=states.to(device), text_mask=None if mask is None else mask.to(device).bool())
         return Condition(drop=torch.ones(batch, dtype=torch.bool, device=device))
+
+    def source_tokens(self, source: torch.Tensor, batch: int, device=None) -> torch.Tensor:
+        """An edit model's source image [B, C, H, W] in the model's space -> flow tokens [B, L, D] (tokens
+        already made pass through)."""
+        if isinstance(source, torch.Tensor) and source.ndim == 3 and tuple(source.shape[1:]) == (
+                self.config.num_tokens, self.config.token_dim) and source.shape[0] == batch:
+            return source.to(device) if device is not None else source
+        if not isinstance(source, torch.Tensor) or source.ndim != 4 or tuple(source.shape[1:]) != self.image_shape:
+            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+            raise ValueError(f"source must be [B, {', '.join(map(str, self.image_shape))}] in the model's space, got {got}")
+        if source.shape[0] != batch:
+            raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
+        return self.patchify((source.to(device) if device is not None else source).float())
 
     # ---- data -> noise -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None):

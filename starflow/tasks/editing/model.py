@@ -6,13 +6,12 @@ import os
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
 
 from starflow.components.autoencoder import Autoencoder
 from starflow.components.postprocess import denoise_and_decode
 from starflow.components.text_encoder import TextEncoder
 from starflow.config import FlowConfig
-from starflow.flow.block import Context, FlowBlock
+from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.model import STARFlow
 from starflow.pipeline import INDEX, StarflowPipeline
@@ -28,25 +27,8 @@ from starflow.tasks.encode import check_images, float_to_pixels, to_model_space
 EditCondition = Condition
 
 
-class SourcePrefixBlock(FlowBlock):
-    """The deep block of an edit model: prefix = [projected source tokens + their positions ; condition]."""
-
-    def init_source(self, token_dim: int, num_tokens: int, width: int) -> None:
-        self.source_proj = nn.Linear(token_dim, width)
-        self.source_pos = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
-
-    def context(self, cond, batch: int, device, *args, **kwargs) -> Context:
-        ctx = super().context(cond, batch, device, *args, **kwargs)
-        src = getattr(cond, "source", None)
-        if src is None:
-            raise ValueError("an edit model needs the source image (source=...)")
-        s = self.source_proj(src.to(self.source_proj.weight.dtype)) + self.source_pos
-        valid = ctx.prefix_valid
-        if valid is not None:
-            valid = torch.cat([valid.new_ones(valid.shape[0], s.shape[1]), valid], dim=1)
-        ctx.prefix = torch.cat([s.to(ctx.prefix.dtype), ctx.prefix], dim=1)
-        ctx.prefix_valid = valid
-        return ctx
+# The deep block reads the source prefix itself when the config's ``source_prefix`` is set.
+SourcePrefixBlock = FlowBlock
 
 
 class EditSTARFlow(STARFlow):
@@ -58,10 +40,7 @@ class EditSTARFlow(STARFlow):
         if not config.conditional or config.cond_mode != "prefix":
             raise ValueError("an edit model needs a conditional config with cond_mode='prefix' "
                              "(set cond_dim for text instructions)")
-        super().__init__(config)
-        deep = self.blocks[-1]
-        deep.__class__ = SourcePrefixBlock  # same weights and behaviour, plus the source prefix
-        deep.init_source(config.token_dim, config.num_tokens, config.width)
+        super().__init__(config if config.source_prefix else replace(config, source_prefix=True))
 
     @classmethod
     def from_base(cls, base: STARFlow) -> "EditSTARFlow":
@@ -77,28 +56,18 @@ class EditSTARFlow(STARFlow):
             model.blocks[-1].source_proj.bias.zero_()
         return model.to(next(base.parameters()).device)
 
-    def source_tokens(self, source: torch.Tensor, batch: int) -> torch.Tensor:
-        if not isinstance(source, torch.Tensor) or source.ndim != 4 or tuple(source.shape[1:]) != self.image_shape:
-            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
-            raise ValueError(f"source must be [B, {', '.join(map(str, self.image_shape))}] in the model's space, got {got}")
-        if source.shape[0] != batch:
-            raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
-        return self.patchify(source.float())
-
     def make_condition(self, batch, y=None, text=None, device=None, cond=None, source=None):
-        """The instruction as ``STARFlow.make_condition`` reads it, plus the source image (``source`` in the
-        model's space [B, C, H, W], or already as tokens in ``cond.source``)."""
-        if cond is not None and cond.source is not None and cond.source.ndim == 3:
-            if source is not None:
+        """The instruction as ``STARFlow.make_condition`` reads it, plus the source image (``source=`` in the
+        model's space [B, C, H, W], or ``cond.source``)."""
+        if source is not None:
+            if cond is not None and cond.source is not None:
                 raise ValueError("give the source image once (source=... or cond.source)")
-            return super().make_condition(batch, y, text, device, cond)
-        if cond is not None and cond.source is not None:
-            source, cond = cond.source, replace(cond, source=None)
+            base = cond if cond is not None else (Condition.from_args(y, text) or Condition())
+            cond, y, text = replace(base, source=source), None, None
         made = super().make_condition(batch, y, text, device, cond)
-        if source is None:
+        if made is None or made.source is None:
             raise ValueError("an edit model needs the source image (source=...)")
-        tokens = self.source_tokens(source.to(device) if device is not None else source, batch)
-        return replace(made, source=tokens)
+        return made
 
     def forward(self, x, y=None, text=None, cond=None, source=None):
         return super().forward(x, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
