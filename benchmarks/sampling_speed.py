@@ -88,9 +88,10 @@ def main(argv=None):
         z = torch.randn((B, *model.image_shape), generator=g).to(device)
         y = (torch.arange(B) % c.num_classes).to(device) if c.num_classes else None
         t_cached, x_seq = timed(lambda: model.inverse(z, y), args.repeats)
-        t_jac, x_jac = timed(lambda: model.inverse(z, y, sampler="jacobi", jacobi_threshold=args.jacobi_threshold,
-                                                   jacobi_window=args.jacobi_window), args.repeats)
-        sweeps = list(model.last_jacobi_iterations)
+        t_jac, (x_jac, stats) = timed(lambda: model.inverse(z, y, sampler="jacobi", jacobi_threshold=args.jacobi_threshold,
+                                                            jacobi_window=args.jacobi_window, return_stats=True),
+                                      args.repeats)
+        sweeps = stats.sweeps()
         t_naive = None
         if B <= args.naive_max_batch:
             t_naive, x_naive = timed(lambda: model.inverse(z, y, sampler="naive"), 1)

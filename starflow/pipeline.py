@@ -33,6 +33,8 @@ import torch
 
 from starflow.components.postprocess import DENOISE, denoise_and_decode
 from starflow.errors import ConfigError
+from starflow.flow.condition import Condition
+from starflow.flow.guidance import guidance_weight
 from starflow.io.hub import atomic_write_bytes, inside, read_config
 from starflow.protocols import LikelihoodModel
 
@@ -83,7 +85,7 @@ def read_sampling(directory: str) -> dict:
 
 class StarflowPipeline:
     def __init__(self, model, autoencoder=None, text_encoder=None, noise_std: float = 0.0, denoise: str | None = None,
-                 sampling: dict | None = None):
+                 sampling: dict | None = None, sampler=None):
         denoise = denoise or ("decoder" if autoencoder is not None else "tweedie")
         if denoise not in DENOISE:
             raise ValueError(f"unknown denoise {denoise!r}; expected one of {DENOISE}")
@@ -93,6 +95,9 @@ class StarflowPipeline:
         self.noise_std = noise_std
         self.denoise = denoise
         self.sampling = check_sampling(sampling)
+        # The sampler component (a FlowSampler for STARFlow, an EulerSampler for the peers), used when a
+        # call names none; None: the model's own default. A call's sampler= (object or name) wins.
+        self.sampler = sampler
 
     @property
     def sampling_defaults(self) -> dict:
@@ -133,15 +138,19 @@ class StarflowPipeline:
         return self
 
     # ---- conditions -----------------------------------------------------------------------------
+    def prompt_condition(self, prompts: list[str], allow_empty: bool = False, y=None) -> Condition:
+        """Prompts (and class labels ``y``) -> the one ``Condition`` every model family reads: text states,
+        mask and pooled vector (a flow ignores the pooled vector). ``allow_empty``: the empty prompt is
+        allowed (a negative condition, as the released model uses)."""
+        return Condition.from_args(y, self.encode_prompts(prompts, allow_empty))
+
     def encode_prompts(self, prompts: list[str], allow_empty: bool = False):
-        """Prompts -> the model's text argument: (states, mask) for STARFlow, + pooled for the peers.
+        """Prompts -> the text tuple (states, mask, pooled) that every family's ``text=`` argument takes.
         ``allow_empty``: the empty prompt is allowed (a negative condition, as the released model uses)."""
         if self.text_encoder is None:
             raise ValueError("this model is not text-conditional; use class labels (or nothing)")
         emb = self.text_encoder.encode(list(prompts), allow_empty=True) if allow_empty else self.text_encoder.encode(list(prompts))
         dev = self.device
-        if getattr(self.model, "model_type", "") == "starflow":
-            return (emb.states.to(dev), emb.mask.to(dev))
         return (emb.states.to(dev), emb.mask.to(dev), emb.pooled.to(dev))
 
     # ---- sampling ---------------------------------------------------------------------------------
@@ -152,29 +161,33 @@ class StarflowPipeline:
 
         Guidance's unconditional branch reads the model's learned null, or the encoded ``negative_prompt``
         when given; a model without a learned null (the released STARFlow) uses the empty prompt by default."""
-        text = None
+        cond = Condition.from_args(y)
         if prompt is not None:
             prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
             if len(prompts) != n:
                 raise ValueError(f"got {len(prompts)} prompts for {n} images")
-            text = self.encode_prompts(prompts)
+            cond = self.prompt_condition(prompts, y=y)
             no_null = not getattr(self.model.config, "learned_null", True)
-            if kwargs.get("guidance", 0) > 0 and (negative_prompt is not None or no_null):
-                kwargs["negative_text"] = self.encode_prompts([negative_prompt or ""] * n, allow_empty=True)
+            if guidance_weight(kwargs.get("guidance", 0)) > 0 and (negative_prompt is not None or no_null):
+                kwargs["negative"] = self.prompt_condition([negative_prompt or ""] * n, allow_empty=True)
         elif negative_prompt is not None:
             raise ValueError("negative_prompt needs a prompt")
         device = device or self.device
-        x = self.model.sample(n, y=y, text=text, generator=generator, device=device, **kwargs)
-        return self.finish(x, y=y, text=text)
+        if self.sampler is not None and "sampler" not in kwargs:
+            kwargs["sampler"] = self.sampler
+        x = self.model.sample(n, generator=generator, device=device, cond=cond, **kwargs)
+        return self.finish(x, cond=cond)
 
-    def finish(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """A raw model sample -> images in [-1, 1]: denoise if the model was trained on noisy data, decode."""
-        log_prob = (lambda v: self.model.log_prob(v, y, text)) if isinstance(self.model, LikelihoodModel) else None
+        cond = cond if cond is not None else Condition.from_args(y, text)
+        log_prob = (lambda v: self.model.log_prob(v, cond=cond)) if isinstance(self.model, LikelihoodModel) else None
         return denoise_and_decode(x, self.denoise, self.noise_std, log_prob, self.autoencoder)
 
     def __call__(self, prompt: str | list[str] | None = None, class_label: int | None = None, num_images: int = 1,
                  guidance_scale: float = 0.0, generator: torch.Generator | None = None, **kwargs):
-        """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided)."""
+        """Generate PIL images. ``guidance_scale`` is the guidance weight w (0 = unguided), or for a flow a
+        ``starflow.flow.guidance.Guidance`` (weight and rule)."""
         # lazy: components (diffusers, transformers) only when the folder has them
         from starflow.io.images import to_pil
 

@@ -71,7 +71,7 @@ class FlowBlock(nn.Module):
                  affine: bool = True, num_classes: int = 0, cond_dim: int = 0, cond_mode: str = "prefix",
                  rope: bool = False, rope_prefix_axis: bool = False, start_token: bool = False, scale: str = "exp",
                  soft_clip: float = 0.0, final_norm: bool = False, num_kv_heads: int | None = None,
-                 swiglu: bool = False, learned_null: bool = True):
+                 swiglu: bool = False, learned_null: bool = True, source_prefix: bool = False):
         super().__init__()
         self.token_dim, self.num_tokens, self.affine = token_dim, num_tokens, affine
         self.cond_mode = cond_mode
@@ -93,6 +93,10 @@ class FlowBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
         self.reverse_order = reverse_order
         self.gradient_checkpointing = False  # set by the trainer: recompute each layer in backward
+        self.source_prefix = source_prefix
+        if source_prefix:  # edit models: the source image's tokens, projected and placed, lead the prefix
+            self.source_proj = nn.Linear(token_dim, width)
+            self.source_pos = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
 
     @property
     def conditional(self) -> bool:
@@ -115,7 +119,20 @@ class FlowBlock(nn.Module):
         tokens, valid = self.condition(cond, batch, device)
         if self.cond_mode == "add":
             return Context(**layout, add=tokens[:, 0], rope=self._rope(pos, 0))
-        return Context(**layout, prefix=tokens, prefix_valid=valid, rope=self._rope(pos, tokens.shape[1]))
+        rope = self._rope(pos, tokens.shape[1])
+        if self.source_prefix:
+            tokens, valid = self._with_source(cond, tokens, valid)
+        return Context(**layout, prefix=tokens, prefix_valid=valid, rope=rope)
+
+    def _with_source(self, cond: Condition | None, tokens: torch.Tensor, valid: torch.Tensor | None):
+        """Prefix = [projected source tokens + their positions ; condition tokens] (the source is never dropped)."""
+        src = getattr(cond, "source", None)
+        if src is None:
+            raise ValueError("an edit model needs the source image (source=...)")
+        s = self.source_proj(src.to(self.source_proj.weight.dtype)) + self.source_pos
+        if valid is not None:
+            valid = torch.cat([valid.new_ones(valid.shape[0], s.shape[1]), valid], dim=1)
+        return torch.cat([s.to(tokens.dtype), tokens], dim=1), valid
 
     def _rope(self, pos: torch.Tensor, prefix_len: int) -> Rotary | None:
         """Rotary tables for the slots: the prefix, then the grid that the position ids ``pos`` (row-major

@@ -1,4 +1,9 @@
-"""What a conditional flow block reads: class labels or text-encoder states, and how they are embedded.
+"""The one condition every model family reads, and how a flow block embeds it.
+
+``Condition`` is built once (by the pipeline from prompts / labels, by the trainer from a batch) and
+handed to any family: a flow reads labels or text states + mask (and the source prefix of an edit
+model), the peer systems (MM-DiT, FlowAR) also read the pooled text vector. Each family uses the fields
+it needs and ignores the rest.
 
 A row whose ``drop`` flag is set reads the learned null condition instead; that is both the
 condition dropout of training and the unconditional branch of guidance. A model built without a
@@ -7,7 +12,7 @@ branch is a condition like any other (e.g. the encoded empty prompt), given expl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -19,6 +24,37 @@ class Condition:
     text: torch.Tensor | None = None        # [B, Lt, Dt] encoder states
     text_mask: torch.Tensor | None = None   # [B, Lt] bool, True = real token
     drop: torch.Tensor | None = None        # [B] bool, True = use the null condition
+    pooled: torch.Tensor | None = None      # [B, Dp] pooled text vector (the peer systems read it)
+    # edit models: the source image [B, C, H, W] in the model's space, or its flow tokens [B, L, D] once the
+    # model has read it; a deep-block prefix that is never dropped
+    source: torch.Tensor | None = None
+
+    @classmethod
+    def from_args(cls, y=None, text=None) -> "Condition | None":
+        """The legacy keyword form -> a Condition: ``y`` labels, ``text`` a tensor of states or a tuple
+        (states, mask) / (states, mask, pooled). None when neither is given."""
+        if isinstance(text, Condition):
+            return text
+        if y is None and text is None:
+            return None
+        states = mask = pooled = None
+        if text is not None:
+            if isinstance(text, (tuple, list)):
+                states, mask = text[0], text[1] if len(text) > 1 else None
+                pooled = text[2] if len(text) > 2 else None
+            else:
+                states = text
+        return cls(labels=None if y is None else torch.as_tensor(y), text=states, text_mask=mask, pooled=pooled)
+
+    def text_triple(self):
+        """(states, mask, pooled) as the peer systems' condition encoders take it; None without text."""
+        return None if self.text is None else (self.text, self.text_mask, self.pooled)
+
+    def with_drop(self, drop: torch.Tensor | None) -> "Condition":
+        """Rows where ``drop`` is True also read the null condition (condition dropout)."""
+        if drop is None:
+            return self
+        return replace(self, drop=self.drop_mask() | drop.to(device=self.drop_mask().device, dtype=torch.bool))
 
     @property
     def batch_size(self) -> int | None:
@@ -28,30 +64,35 @@ class Condition:
         return None
 
     def null(self) -> "Condition":
-        """The same batch with every row replaced by the null condition (guidance's unconditional half)."""
+        """The same batch with every row replaced by the null condition (guidance's unconditional half);
+        the source prefix of an edit model is kept."""
         B = self.batch_size
         device = next(t.device for t in (self.labels, self.text, self.drop) if t is not None)
-        return Condition(self.labels, self.text, self.text_mask, torch.ones(B, dtype=torch.bool, device=device))
+        return replace(self, drop=torch.ones(B, dtype=torch.bool, device=device))
 
     def cat(self, other: "Condition") -> "Condition":
         """Rows of self then rows of other. Text of different lengths is padded with hidden tokens."""
         def join(a, b):
             return None if a is None else torch.cat([a, b])
 
-        text, mask = join(self.text, other.text), None
+        text = mask = None
         if self.text is not None:
             a, b = self.text, other.text
             L = max(a.shape[1], b.shape[1])
             text = torch.cat([_pad_tokens(a, L), _pad_tokens(b, L)])
             if self.text_mask is not None or other.text_mask is not None or a.shape[1] != b.shape[1]:
                 mask = torch.cat([_pad_tokens(_mask_or_ones(self), L), _pad_tokens(_mask_or_ones(other), L)])
-        return Condition(join(self.labels, other.labels), text, mask, torch.cat([self.drop_mask(), other.drop_mask()]))
+        pooled = None if self.pooled is None or other.pooled is None else torch.cat([self.pooled, other.pooled])
+        source = None if self.source is None else torch.cat([self.source, other.source])
+        return Condition(join(self.labels, other.labels), text, mask, torch.cat([self.drop_mask(), other.drop_mask()]),
+                         pooled, source)
 
     def rows(self, idx) -> "Condition":
         def pick(t):
             return None if t is None else t[idx]
 
-        return Condition(pick(self.labels), pick(self.text), pick(self.text_mask), pick(self.drop))
+        return Condition(pick(self.labels), pick(self.text), pick(self.text_mask), pick(self.drop), pick(self.pooled),
+                         pick(self.source))
 
     def drop_mask(self) -> torch.Tensor:
         if self.drop is not None:
@@ -61,7 +102,8 @@ class Condition:
 
     def to(self, device) -> "Condition":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Condition(mv(self.labels), mv(self.text), mv(self.text_mask), mv(self.drop))
+        return Condition(mv(self.labels), mv(self.text), mv(self.text_mask), mv(self.drop), mv(self.pooled),
+                         mv(self.source))
 
 
 def _mask_or_ones(cond: Condition) -> torch.Tensor:

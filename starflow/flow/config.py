@@ -52,6 +52,7 @@ class FlowConfig:
     text_padding: str = "mask"    # "mask": padded text tokens are hidden; "attend": states are zero-padded
                                   # to max_text_tokens and all attended (the released model's prefix)
     noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
+    source_prefix: bool = False   # edit models: Condition.source (the source image) prefixes the deep block
 
     def __post_init__(self):
         check_types(self)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 import math
 import os
 
@@ -18,7 +19,8 @@ from starflow.flow.config import FlowConfig, check_flow_memory
 from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
-from starflow.flow.guidance import check_guidance
+from starflow.flow.guidance import Guidance
+from starflow.flow.samplers import FlowSampler
 from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
 from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
 from starflow.flow.sampling import SamplerOptions, SamplingStats, invert_block
@@ -64,7 +66,8 @@ class STARFlow(nn.Module, PretrainedMixin):
                 c.token_dim, c.num_tokens, (c.deep_width or c.width) if deep else c.width, layers[i], c.head_dim,
                 c.mlp_ratio, reverse_order=bool(i % 2) == (c.seq_order == "R2L"), norm=c.norm, qk_norm=c.qk_norm,
                 affine=c.affine, num_classes=c.num_classes if conditional else 0,
-                cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode, **switches))
+                cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode,
+                source_prefix=deep and c.source_prefix, **switches))
         self.blocks = nn.ModuleList(blocks)
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
@@ -151,8 +154,25 @@ class STARFlow(nn.Module, PretrainedMixin):
         return (rows + torch.arange(grid[1], device=device)[None, :]).flatten()
 
     # ---- conditions ------------------------------------------------------------------------
-    def make_condition(self, batch: int, y=None, text=None, device=None) -> Condition | None:
-        """Validate user-facing labels / text states and wrap them. None -> unconditional (null)."""
+    def make_condition(self, batch: int, y=None, text=None, device=None, cond: Condition | None = None) -> Condition | None:
+        """Validate a ``Condition`` (or the legacy labels ``y`` / text states ``text``) and put it in the
+        form the blocks read. None -> unconditional (null). The drop mask and the source prefix travel on;
+        a condition already in this form comes back unchanged."""
+        if cond is not None:
+            if y is not None or text is not None:
+                raise ValueError("give the condition either as cond or as y / text, not both")
+            y, text = cond.labels, None if cond.text is None else (cond.text, cond.text_mask)
+            made = self._validated(batch, y, text, device)
+            if made is None:
+                return None
+            if cond.drop is not None and (cond.labels is not None or cond.text is not None):
+                made = made.with_drop(cond.drop.reshape(-1))
+            if cond.source is not None and self.config.source_prefix:
+                made = replace(made, source=self.source_tokens(cond.source, batch, device))
+            return made
+        return self._validated(batch, y, text, device)
+
+    def _validated(self, batch: int, y, text, device) -> Condition | None:
         c = self.config
         if not c.conditional:
             if y is not None or text is not None:
@@ -182,13 +202,25 @@ class STARFlow(nn.Module, PretrainedMixin):
             return Condition(text=states.to(device), text_mask=None if mask is None else mask.to(device).bool())
         return Condition(drop=torch.ones(batch, dtype=torch.bool, device=device))
 
+    def source_tokens(self, source: torch.Tensor, batch: int, device=None) -> torch.Tensor:
+        """An edit model's source image [B, C, H, W] in the model's space -> flow tokens [B, L, D] (tokens
+        already made pass through)."""
+        if isinstance(source, torch.Tensor) and source.ndim == 3 and tuple(source.shape[1:]) == (
+                self.config.num_tokens, self.config.token_dim) and source.shape[0] == batch:
+            return source.to(device) if device is not None else source
+        if not isinstance(source, torch.Tensor) or source.ndim != 4 or tuple(source.shape[1:]) != self.image_shape:
+            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+            raise ValueError(f"source must be [B, {', '.join(map(str, self.image_shape))}] in the model's space, got {got}")
+        if source.shape[0] != batch:
+            raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
+        return self.patchify((source.to(device) if device is not None else source).float())
+
     # ---- data -> noise -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None):
         """Images x [B, C, H, W] -> (noise z of the same shape, log|det dz/dx| per example [B])."""
         grid = self.check_input(x)
         pos = self.positions(grid, x.device)
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device)
+        cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         h = self.patchify(_at_least_fp32(x))
         logdet = torch.zeros(x.shape[0], device=x.device)
         for block in self.blocks:
@@ -201,51 +233,58 @@ class STARFlow(nn.Module, PretrainedMixin):
         z, logdet = self.forward(x, y, text, cond)
         return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
 
-    def nll(self, x: torch.Tensor, y=None, text=None) -> torch.Tensor:
+    def nll(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """Negative log-likelihood in nats per dimension, per example."""
-        return -self.log_prob(x, y, text) / x[0].numel()
+        return -self.log_prob(x, y, text, cond) / x[0].numel()
 
-    def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None,
+             cond: Condition | None = None) -> torch.Tensor:
         """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob.
 
-        ``cond_drop`` ([B] bool, True = use the null condition) replaces the internal draw, so a caller can
-        draw the mask for a whole global batch and hand each data-parallel rank its slice."""
-        cond = self.make_condition(x.shape[0], y, text, x.device)
+        The trainer draws the dropout mask for the whole global batch and hands each data-parallel rank
+        its slice as ``cond_drop`` ([B] bool, True = use the null condition); only a direct caller that
+        gives none gets the draw here. The source prefix of an edit model is never dropped."""
+        cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         if cond_drop is not None and (cond_drop.ndim != 1 or cond_drop.shape[0] != x.shape[0]):
             raise ValueError(f"cond_drop must be a [{x.shape[0]}] bool mask, got shape {list(cond_drop.shape)}")
         if cond is not None and self.training and self.config.cond_drop_prob > 0:
-            keep = cond.drop_mask()
             if cond_drop is None:
-                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
-            else:
-                drop = cond_drop.to(device=x.device, dtype=torch.bool)
-            cond = Condition(cond.labels, cond.text, cond.text_mask, keep | drop)
+                cond_drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
+            cond = cond.with_drop(cond_drop)
         return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
 
     # ---- noise -> data -----------------------------------------------------------------------
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float = 0.0, guidance_rule: str = "starflow",
-                sampler: str = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
+    def inverse(self, z: torch.Tensor, y=None, text=None, guidance: float | Guidance = 0.0, guidance_rule: str = "starflow",
+                sampler: str | FlowSampler = "sequential", negative_y=None, negative_text=None, guidance_blocks: str = "conditional",
                 plan: list[str] | None = None, tolerance: float | None = None, return_stats: bool = False,
-                **sampler_kwargs):
-        """Noise z [B, C, H, W] -> images. With guidance > 0 the conditional blocks are guided
+                cond: Condition | None = None, negative: Condition | None = None, **sampler_kwargs):
+        """Noise z [B, C, H, W] -> images. With guidance (a weight > 0 and ``guidance_rule``, or one
+        ``Guidance``) the conditional blocks are guided
         (``guidance_blocks="deep"``: the deep block only). The unconditional branch reads the learned null,
         or the condition ``negative_y`` / ``negative_text`` when given (e.g. the encoded empty prompt).
 
-        ``sampler`` names one way for every block, or a per-block plan sampler (selective, segment,
+        ``sampler`` (a ``FlowSampler``, or its kind with the ``jacobi_*`` options as keywords) names one way for every block, or a per-block plan sampler (selective, segment,
         auto; see starflow.flow.selective_jacobi) resolved from the model's stored calibration; ``plan``
         gives the per-block choices directly. ``tolerance`` (auto and the calibrated plans): use a stored
         plan only if it was calibrated at least this tight. ``return_stats``: also return SamplingStats."""
+        if isinstance(sampler, FlowSampler):
+            if sampler_kwargs or plan is not None or tolerance is not None:
+                raise ValueError("give the sampler either as a FlowSampler or as sampler= / jacobi_* / plan / "
+                                 "tolerance, not both")
+            sampler_kwargs = sampler.inverse_kwargs()
+            sampler, plan, tolerance = (sampler_kwargs.pop("sampler"), sampler_kwargs.pop("plan", None),
+                                        sampler_kwargs.pop("tolerance", None))
         grid = self.check_input(z)
         pos = self.positions(grid, z.device)
-        check_guidance(guidance, guidance_rule)
+        guidance = Guidance.of(guidance, guidance_rule)
         if guidance_blocks not in ("conditional", "deep"):
             raise ValueError(f"guidance_blocks must be 'conditional' or 'deep', got {guidance_blocks!r}")
         unknown = set(sampler_kwargs) - {f.name for f in dataclasses.fields(SamplerOptions)}
         if unknown:
             raise ValueError(f"unknown sampling option(s) {sorted(unknown)}; known: temperature, size, "
                              f"{', '.join(f.name for f in dataclasses.fields(SamplerOptions))}")
-        opts = SamplerOptions(sampler=sampler, guidance=guidance, guidance_rule=guidance_rule, **sampler_kwargs)
+        opts = SamplerOptions(sampler=sampler, **sampler_kwargs)
         B = z.shape[0]
         T = len(self.blocks)
         if plan is None and sampler in PLAN_SAMPLERS:
@@ -255,14 +294,19 @@ class STARFlow(nn.Module, PretrainedMixin):
         if plan is not None and len(plan) != T:
             raise ValueError(f"a plan needs one entry per block ({T}), got {len(plan)}")
         per_block = [opts] * T if plan is None else [block_options(c, opts) for c in plan]
-        cond = self.make_condition(B, y, text, z.device)
-        guided = guidance > 0 and cond is not None
+        cond = self.make_condition(B, y, text, z.device, cond)
+        if negative_y is not None or negative_text is not None:
+            if negative is not None:
+                raise ValueError("give the negative condition either as negative or as negative_y / negative_text")
+            negative = Condition.from_args(negative_y, negative_text)
+        guided = guidance.active and cond is not None
         if guided:
-            negative = None
-            if negative_y is not None or negative_text is not None:
-                negative = self.make_condition(B, negative_y, negative_text, z.device)
-            cond = cond.cat(negative if negative is not None else cond.null())
-        elif negative_y is not None or negative_text is not None:
+            if negative is not None:
+                if cond.source is not None and negative.source is None:  # the source prefix is never dropped
+                    negative = replace(negative, source=cond.source)
+                negative = self.make_condition(B, device=z.device, cond=negative)
+            cond = guidance.pair(cond, negative)
+        elif negative is not None:
             raise ValueError("a negative condition only acts with guidance > 0")
         h = self.patchify(_at_least_fp32(z))
         iterations = [[] for _ in range(T)]
@@ -273,17 +317,23 @@ class STARFlow(nn.Module, PretrainedMixin):
                 use = cond.rows(slice(0, B))  # an unguided conditional shallow block reads the positive half
             block_guided = guided and block.conditional and (guidance_blocks == "conditional" or i == 0)
             ctx = block.context(use, 2 * B if block_guided else B, z.device, pos)
-            h = invert_block(block, h, ctx, block_guided, per_block[b], iterations[b])
-        # sweeps per block window in sampling order, for benchmarks and tests
-        self.last_jacobi_iterations = [it for b in reversed(range(T)) for it in iterations[b]]
+            h = invert_block(block, h, ctx, guidance if block_guided else None, per_block[b], iterations[b])
         x = self.unpatchify(h, grid)
-        if return_stats:
-            return x, SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
-        return x
+        stats = SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
+        self._last_stats = stats  # only for the deprecated ``last_jacobi_iterations``
+        return (x, stats) if return_stats else x
+
+    @property
+    def last_jacobi_iterations(self) -> list[int] | None:
+        """Deprecated: pass ``return_stats=True`` and read ``SamplingStats.sweeps()``. The Jacobi sweeps of
+        the last ``inverse`` call, per block window in sampling order."""
+        stats = getattr(self, "_last_stats", None)
+        return None if stats is None else stats.sweeps()
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,
-               device=None, size: tuple[int, int] | None = None, **inverse_kwargs) -> torch.Tensor:
+               device=None, size: tuple[int, int] | None = None, cond: Condition | None = None,
+               **inverse_kwargs) -> torch.Tensor:
         """Draw n samples (model space, e.g. [-1, 1] pixels) of ``size`` (H, W): the square default or an
         aspect-ratio bucket. Extra arguments go to ``inverse``."""
         if n < 1:
@@ -299,10 +349,11 @@ class STARFlow(nn.Module, PretrainedMixin):
         pos = self.positions(grid, device)
         z = torch.randn((n, pos.shape[0], c.token_dim), generator=generator, device=device)
         z = z * temperature * self.prior_var[pos].sqrt()
-        return self.inverse(self.unpatchify(z, grid), y, text, **inverse_kwargs)
+        return self.inverse(self.unpatchify(z, grid), y, text, cond=cond, **inverse_kwargs)
 
     # ---- pixel likelihood ----------------------------------------------------------------------
-    def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def bits_per_dim(self, images: torch.Tensor, y=None, generator: torch.Generator | None = None,
+                     cond: Condition | None = None) -> torch.Tensor:
         """Bits/dim of 8-bit images [B, C, H, W] (uint8) under uniform dequantisation, per example.
 
         u = (pixel + U[0,1)) / 256, y = 2u - 1; bpd = NLL_y / (D ln 2) + 7 (DESIGN.md §2).
@@ -310,4 +361,4 @@ class STARFlow(nn.Module, PretrainedMixin):
         if images.dtype != torch.uint8:
             raise ValueError(f"bits_per_dim takes uint8 images, got {images.dtype}")
         x = spaces.dequantize(images, generator)
-        return spaces.bits_per_dim(self.nll(x.to(self.prior_var.device), y))
+        return spaces.bits_per_dim(self.nll(x.to(self.prior_var.device), y, cond=cond))

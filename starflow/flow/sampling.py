@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.chunked_jacobi import chunked_jacobi
-from starflow.flow.guidance import guide
+from starflow.flow.guidance import Guidance
 from starflow.flow.samplers import SAMPLERS  # noqa: F401  (re-exported)
 
 
@@ -28,12 +28,15 @@ class SamplingStats:
     plan: list[str]
     iterations: list[list[int]]
 
+    def sweeps(self) -> list[int]:
+        """Jacobi sweeps per block window in sampling order (the last block first)."""
+        return [it for b in reversed(range(len(self.iterations))) for it in self.iterations[b]]
+
 
 @dataclass
 class SamplerOptions:
+    """How a block is inverted. Guidance is not a sampler option: it is handed over as one ``Guidance``."""
     sampler: str = "sequential"
-    guidance: float = 0.0
-    guidance_rule: str = "starflow"
     jacobi_threshold: float = 1e-3
     jacobi_window: int = 0        # 0 = the whole block in one window
     jacobi_max_iters: int = 0     # 0 = window length (always enough for the exact answer)
@@ -48,40 +51,37 @@ class SamplerOptions:
 
 
 class _Step:
-    """Turns raw block outputs into (mu, alpha), applying guidance when the batch is doubled."""
+    """Turns raw block outputs into (mu, alpha); with a ``Guidance`` the batch is doubled and combined."""
 
-    def __init__(self, block: FlowBlock, guided: bool, opts: SamplerOptions, num_tokens: int):
-        self.block, self.guided, self.opts, self.num_tokens = block, guided, opts, num_tokens
+    def __init__(self, block: FlowBlock, guidance: Guidance | None, num_tokens: int):
+        self.block, self.guidance, self.num_tokens = block, guidance, num_tokens
+        self.guided = guidance is not None
         self._positions = None
 
     def params(self, out: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu, alpha = self.block.split(out)
         if not self.guided:
             return mu, alpha
-        mu_c, mu_u = mu.chunk(2)
-        alpha_c, alpha_u = alpha.chunk(2)
         if self._positions is None or self._positions.device != mu.device:
             self._positions = torch.arange(self.num_tokens, device=mu.device)
-        positions = self._positions[start:start + mu.shape[1]]
-        return guide(self.opts.guidance_rule, self.opts.guidance, mu_c, alpha_c, mu_u, alpha_u,
-                     positions, self.num_tokens)
+        positions = self._positions[start:start + (mu.shape[1] if mu.ndim == 3 else 1)]
+        return self.guidance.combine(mu, alpha, positions, self.num_tokens)
 
     def feed(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded tokens go to both branches of a guided batch."""
-        return torch.cat([x, x]) if self.guided else x
+        return self.guidance.feed(x) if self.guided else x
 
 
-def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guided: bool, opts: SamplerOptions,
+def invert_block(block: FlowBlock, z: torch.Tensor, ctx: Context, guidance: Guidance | None, opts: SamplerOptions,
                  jacobi_iters: list[int] | None = None) -> torch.Tensor:
-    """z [B, L, D] in canonical order -> x [B, L, D] in canonical order. ``ctx`` is built for 2B rows
-    (conditional then unconditional) when ``guided``. Jacobi appends its sweeps per window to
-    ``jacobi_iters``."""
+    """z [B, L, D] in canonical order -> x [B, L, D] in canonical order. With ``guidance`` the ``ctx`` is
+    built for 2B rows (conditional then unconditional, ``Guidance.pair``). Jacobi appends its sweeps per
+    window to ``jacobi_iters``."""
+    guidance = guidance or None  # an unguided block may be given False
     z_perm = z[:, ctx.perm]
-    step = _Step(block, guided, opts, ctx.num_tokens)
+    step = _Step(block, guidance, ctx.num_tokens)
     if opts.sampler == "naive":
         x_perm = _naive(block, z_perm, ctx, step)
     elif opts.sampler == "chunked-jacobi":
-
         x_perm = chunked_jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])
     elif opts.sampler == "jacobi":
         x_perm = _jacobi(block, z_perm, ctx, step, opts, jacobi_iters if jacobi_iters is not None else [])

@@ -134,7 +134,7 @@ def _invert_from(model, h, top: int, plan, base: SamplerOptions, pos, cond, iter
         block = model.blocks[b]
         inputs[b] = h
         ctx = block.context(cond if block.conditional else None, h.shape[0], h.device, pos)
-        h = invert_block(block, h, ctx, False, block_options(plan[b], base), None if iterations is None else iterations[b])
+        h = invert_block(block, h, ctx, None, block_options(plan[b], base), None if iterations is None else iterations[b])
     return inputs, h
 
 
@@ -146,7 +146,7 @@ def _time_block(model, b, h, pos, cond, opts, repeats):
         sync()
         t = time.perf_counter()
         ctx = block.context(cond if block.conditional else None, h.shape[0], h.device, pos)
-        invert_block(block, h, ctx, False, opts, [])
+        invert_block(block, h, ctx, None, opts, [])
         sync()
         best = min(best, time.perf_counter() - t)
     return best

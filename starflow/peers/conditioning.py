@@ -204,3 +204,15 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
     (ta, ma), (tb, mb) = pad(a), pad(b)
     pooled = torch.cat([a.pooled, b.pooled.to(a.pooled.dtype)])
     return Condition(torch.cat([ta, tb.to(ta.dtype)]), torch.cat([ma, mb]), pooled)
+
+
+def condition_args(y, text, negative, cond):
+    """The package's one ``starflow.flow.condition.Condition`` (``cond``, and ``negative`` when it is one)
+    -> the (labels, text triple, negative triple) these encoders take. The keyword form passes through."""
+    if cond is not None:
+        if y is not None or text is not None:
+            raise ValueError("give the condition either as cond or as y / text, not both")
+        y, text = cond.labels, cond.text_triple()
+    if negative is not None and hasattr(negative, "text_triple"):
+        negative = negative.text_triple()
+    return y, text, negative

@@ -67,10 +67,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from starflow.flow.samplers import EulerSampler
 from starflow.io.hub import PretrainedMixin
 from starflow.nn.attention import KVCache
 from starflow.nn.embeddings import sincos_pos_embed
-from starflow.peers.conditioning import Condition, ConditionEncoder
+from starflow.peers.conditioning import Condition, ConditionEncoder, condition_args
 from starflow.peers.flowar_layers import ARBlock, FlowHead, block_causal_mask  # noqa: F401  (re-exported)
 from starflow.peers.rectified_flow import (TimestepSampler, batch_size_of, euler_sample, guided, interpolate, randn,
                                            velocity_target)
@@ -290,16 +291,21 @@ class FlowAR(nn.Module, PretrainedMixin):
     # ---- training --------------------------------------------------------------------------
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *,
-             generator: torch.Generator | None = None, return_per_scale: bool = False, negative=None):
+             generator: torch.Generator | None = None, return_per_scale: bool = False, negative=None,
+             cond=None):
         """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. In training mode the
         condition is dropped with prob cond_drop_prob, to the learned null or to `negative` (a text
         triple, e.g. the encoded empty prompt) when given."""
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
+        given_drop = None if cond is None else cond.drop
+        y, text, negative = condition_args(y, text, negative, cond)
         b = x.shape[0]
         drop = None
-        if self.training and c.cond_drop_prob > 0 and self.condition.conditional:
+        if given_drop is not None:  # drawn by the caller (the trainer, for the global batch)
+            drop = given_drop.to(device=x.device, dtype=torch.bool)
+        elif self.training and c.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < c.cond_drop_prob).to(x.device)
         cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
@@ -320,11 +326,19 @@ class FlowAR(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0,
                steps: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None, *, negative=None) -> torch.Tensor:
+               device: torch.device | str | None = None, *, negative=None, cond=None,
+               sampler: EulerSampler | None = None) -> torch.Tensor:
         """n images [n, C, H, W], coarse to fine. steps: Euler steps per scale (an int, or one per
         scale; default config.sample_steps). guidance w is ramped over scales (config.guidance_ramp). The
         unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
         prompt) when given, else the learned null."""
+        y, text, negative = condition_args(y, text, negative, cond)
+        if sampler is not None:
+            if not isinstance(sampler, EulerSampler) or (sampler.schedule, sampler.mu, sampler.backend) != (None, None, "euler"):
+                raise ValueError(f"FlowAR samples with an EulerSampler that sets steps only, got {sampler!r}")
+            if steps is not None:
+                raise ValueError("give steps either in the EulerSampler or as a keyword, not both")
+            steps = sampler.steps
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
                             negative=negative)
 

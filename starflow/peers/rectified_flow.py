@@ -24,14 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from starflow.flow.samplers import EULER_SAMPLERS, EulerSampler
 from starflow.io.hub import PretrainedMixin
-from starflow.peers.conditioning import Condition, ConditionEncoder, repeat_condition  # noqa: F401  (re-exported)
+from starflow.peers.conditioning import Condition, ConditionEncoder, condition_args, repeat_condition  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import MMDiT
 from starflow.peers.schedules import (SCHEDULES, check_sigmas, dynamic_shift_mu, make_diffusers_scheduler,
                                      schedule_sigmas, uniform_sigmas)
 from starflow.schema import check_model_memory, check_noise_std, check_types, transformer_params
 
-SAMPLERS = ("euler", "diffusers")  # Euler loop: starflow's own, or diffusers' scheduler
+SAMPLERS = EULER_SAMPLERS  # Euler loop: starflow's own, or diffusers' scheduler
 NULL_CONDITIONS = ("learned", "negative")
 TIMESTEP_SAMPLERS = ("logit-normal", "mode", "cosmap", "uniform")
 MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)  # ~1.752; beyond it the mode map is not monotone
@@ -274,12 +275,15 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *, noise: torch.Tensor | None = None,
-             t: torch.Tensor | None = None, generator: torch.Generator | None = None, negative=None) -> torch.Tensor:
+             t: torch.Tensor | None = None, generator: torch.Generator | None = None, negative=None,
+             cond=None) -> torch.Tensor:
         """Mean squared velocity error. `noise` / `t` may be passed to make the loss deterministic
         (t is then used as given, unshifted). The condition is dropped with prob cond_drop_prob in
         training mode only, to the learned null or to `negative` (a text triple, e.g. the encoded
         empty prompt) when given."""
         self._check_images(x)
+        given_drop = None if cond is None else cond.drop
+        y, text, negative = condition_args(y, text, negative, cond)
         b = x.shape[0]
         if t is None:
             t = self.timestep_sampler(b, generator=generator, device=x.device)
@@ -287,7 +291,9 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         if noise is None:
             noise = randn(x.shape, generator, x.device)
         drop = None
-        if self.training and self.config.cond_drop_prob > 0 and self.condition.conditional:
+        if given_drop is not None:  # drawn by the caller (the trainer, for the global batch)
+            drop = given_drop.to(device=x.device, dtype=torch.bool)
+        elif self.training and self.config.cond_drop_prob > 0 and self.condition.conditional:
             gen_device = generator.device if generator is not None else x.device
             drop = (torch.rand(b, generator=generator, device=gen_device) < self.config.cond_drop_prob).to(x.device)
         cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
@@ -299,7 +305,7 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0, steps: int | None = None,
                generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
                negative=None, schedule: str | None = None, sigmas: torch.Tensor | None = None,
-               mu: float | None = None, sampler: str = "euler") -> torch.Tensor:
+               mu: float | None = None, sampler: str | EulerSampler = "euler", cond=None) -> torch.Tensor:
         """n images [n, C, H, W] by Euler integration from t=1 to t=0 (`steps` steps, default
         config.sample_steps). guidance w: v_c + w (v_c - v_u), cond and uncond rows in one batch;
         the unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
@@ -308,7 +314,12 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         Grid: `sigmas` if given, else `schedule` (default config.sample_schedule) with the config's
         shift, or dynamic shifting with `mu` (default: from the token count if config.dynamic_shift).
         sampler="diffusers" hands the loop to diffusers' FlowMatchEulerDiscreteScheduler (its own
-        sd3 grid, same shift / mu)."""
+        sd3 grid, same shift / mu). An ``EulerSampler`` gives steps, schedule, mu and the loop as one value."""
+        y, text, negative = condition_args(y, text, negative, cond)
+        if isinstance(sampler, EulerSampler):
+            if steps is not None or schedule is not None or mu is not None:
+                raise ValueError("give steps / schedule / mu either in the EulerSampler or as keywords, not both")
+            steps, schedule, mu, sampler = sampler.steps, sampler.schedule, sampler.mu, sampler.backend
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
                             negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from starflow.data import build_dataset
+from starflow.flow.condition import Condition
 from starflow.models import model_class
 from starflow.train.recipe import RunConfig, record_noise_std
 from starflow.train.trainer import Trainer
@@ -56,11 +57,10 @@ def build_trainer(run: RunConfig) -> Trainer:
         if getattr(mcfg, "cond_dim", None) != text_encoder.dim:
             raise ValueError(f"model.cond_dim is {getattr(mcfg, 'cond_dim', None)} but the text encoder gives {text_encoder.dim}-d states")
         table = TextTable(text_encoder, base.captions)
-        starflow = run.model_type == "starflow"
 
-        def condition_fn(ids):
+        def condition_fn(ids):  # one Condition for every family; each reads the fields it needs
             states, mask, pooled = table.lookup(ids)
-            return {"text": (states, mask) if starflow else (states, mask, pooled)}
+            return {"cond": Condition(text=states, text_mask=mask, pooled=pooled)}
 
         preview = {"prompt": [base.captions[int(i)] for i in torch.linspace(0, len(base.captions) - 1, 16).long()]}
     elif getattr(mcfg, "num_classes", 0) and getattr(base, "num_classes", 0) > mcfg.num_classes:

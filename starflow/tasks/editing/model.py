@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
-import torch.nn as nn
 
 from starflow.components.autoencoder import Autoencoder
 from starflow.components.postprocess import denoise_and_decode
 from starflow.components.text_encoder import TextEncoder
 from starflow.flow.config import FlowConfig
-from starflow.flow.block import Context, FlowBlock
+from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.model import STARFlow
 from starflow.pipeline import INDEX, StarflowPipeline
@@ -24,45 +23,12 @@ from starflow.tasks.encode import check_images, float_to_pixels, to_model_space
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EditCondition(Condition):
-    """A Condition plus the source image as flow tokens [B, L, D] (kept in the null / guidance branch)."""
-
-    source: torch.Tensor | None = field(default=None)
-
-    def null(self) -> "EditCondition":
-        c = super().null()
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, self.source)
-
-    def cat(self, other: "EditCondition") -> "EditCondition":
-        c = super().cat(other)
-        src = None if self.source is None else torch.cat([self.source, other.source])
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, src)
-
-    def to(self, device) -> "EditCondition":
-        c = super().to(device)
-        return EditCondition(c.labels, c.text, c.text_mask, c.drop, None if self.source is None else self.source.to(device))
+# The source image is a field of the one Condition; the old name stays importable.
+EditCondition = Condition
 
 
-class SourcePrefixBlock(FlowBlock):
-    """The deep block of an edit model: prefix = [projected source tokens + their positions ; condition]."""
-
-    def init_source(self, token_dim: int, num_tokens: int, width: int) -> None:
-        self.source_proj = nn.Linear(token_dim, width)
-        self.source_pos = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
-
-    def context(self, cond, batch: int, device, *args, **kwargs) -> Context:
-        ctx = super().context(cond, batch, device, *args, **kwargs)
-        src = getattr(cond, "source", None)
-        if src is None:
-            raise ValueError("an edit model needs the source image (source=...)")
-        s = self.source_proj(src.to(self.source_proj.weight.dtype)) + self.source_pos
-        valid = ctx.prefix_valid
-        if valid is not None:
-            valid = torch.cat([valid.new_ones(valid.shape[0], s.shape[1]), valid], dim=1)
-        ctx.prefix = torch.cat([s.to(ctx.prefix.dtype), ctx.prefix], dim=1)
-        ctx.prefix_valid = valid
-        return ctx
+# The deep block reads the source prefix itself when the config's ``source_prefix`` is set.
+SourcePrefixBlock = FlowBlock
 
 
 class EditSTARFlow(STARFlow):
@@ -74,11 +40,7 @@ class EditSTARFlow(STARFlow):
         if not config.conditional or config.cond_mode != "prefix":
             raise ValueError("an edit model needs a conditional config with cond_mode='prefix' "
                              "(set cond_dim for text instructions)")
-        super().__init__(config)
-        deep = self.blocks[-1]
-        deep.__class__ = SourcePrefixBlock  # same weights and behaviour, plus the source prefix
-        deep.init_source(config.token_dim, config.num_tokens, config.width)
-        self._source = None
+        super().__init__(config if config.source_prefix else replace(config, source_prefix=True))
 
     @classmethod
     def from_base(cls, base: STARFlow) -> "EditSTARFlow":
@@ -94,54 +56,36 @@ class EditSTARFlow(STARFlow):
             model.blocks[-1].source_proj.bias.zero_()
         return model.to(next(base.parameters()).device)
 
-    def source_tokens(self, source: torch.Tensor, batch: int) -> torch.Tensor:
-        if not isinstance(source, torch.Tensor) or source.ndim != 4 or tuple(source.shape[1:]) != self.image_shape:
-            got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
-            raise ValueError(f"source must be [B, {', '.join(map(str, self.image_shape))}] in the model's space, got {got}")
-        if source.shape[0] != batch:
-            raise ValueError(f"got {source.shape[0]} source images for a batch of {batch}")
-        return self.patchify(source.float())
-
-    def make_condition(self, batch, y=None, text=None, device=None, source=None):
-        cond = super().make_condition(batch, y, text, device)
-        source = self._source if source is None else source
-        if source is None:
+    def make_condition(self, batch, y=None, text=None, device=None, cond=None, source=None):
+        """The instruction as ``STARFlow.make_condition`` reads it, plus the source image (``source=`` in the
+        model's space [B, C, H, W], or ``cond.source``)."""
+        if source is not None:
+            if cond is not None and cond.source is not None:
+                raise ValueError("give the source image once (source=... or cond.source)")
+            base = cond if cond is not None else (Condition.from_args(y, text) or Condition())
+            cond, y, text = replace(base, source=source), None, None
+        made = super().make_condition(batch, y, text, device, cond)
+        if made is None or made.source is None:
             raise ValueError("an edit model needs the source image (source=...)")
-        tokens = self.source_tokens(source.to(device) if device is not None else source, batch)
-        return EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop, tokens)
+        return made
 
     def forward(self, x, y=None, text=None, cond=None, source=None):
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        return super().forward(x, cond=cond)
+        return super().forward(x, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
     def log_prob(self, x, y=None, text=None, cond=None, source=None):
-        if cond is None:
-            cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        return super().log_prob(x, cond=cond)
+        return super().log_prob(x, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
-    def nll(self, x, y=None, text=None, source=None):
-        return -self.log_prob(x, y, text, source=source) / x[0].numel()
+    def nll(self, x, y=None, text=None, source=None, cond=None):
+        return -self.log_prob(x, y, text, cond, source=source) / x[0].numel()
 
-    def loss(self, x, y=None, text=None, source=None, cond_drop: torch.Tensor | None = None):
+    def loss(self, x, y=None, text=None, source=None, cond_drop: torch.Tensor | None = None, cond=None):
         """Mean NLL (nats/dim) of targets x given (instruction, source); the instruction (never the source)
-        is dropped to the null at ``cond_drop_prob`` (or where ``cond_drop`` is True)."""
-        cond = self.make_condition(x.shape[0], y, text, x.device, source)
-        if self.training and self.config.cond_drop_prob > 0:
-            if cond_drop is None:
-                drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
-            else:
-                drop = cond_drop.to(device=x.device, dtype=torch.bool)
-            cond = EditCondition(cond.labels, cond.text, cond.text_mask, cond.drop_mask() | drop, cond.source)
-        return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()
+        is dropped to the null as in ``STARFlow.loss``."""
+        return super().loss(x, cond_drop=cond_drop, cond=self.make_condition(x.shape[0], y, text, x.device, cond, source))
 
     @torch.no_grad()
-    def inverse(self, z, y=None, text=None, source=None, **kwargs):
-        self._source = source
-        try:
-            return super().inverse(z, y, text, **kwargs)
-        finally:
-            self._source = None
+    def inverse(self, z, y=None, text=None, source=None, cond=None, **kwargs):
+        return super().inverse(z, cond=self.make_condition(z.shape[0], y, text, z.device, cond, source), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------

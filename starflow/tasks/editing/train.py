@@ -10,6 +10,7 @@ from starflow.components.text_encoder import TextEncoder
 from starflow.flow.config import FlowConfig
 from starflow.train.config import TrainConfig
 from starflow.data.captioned import TextTable
+from starflow.flow.condition import Condition
 from starflow.pipeline import StarflowPipeline
 from starflow.tasks.editing.data import EditDataset
 from starflow.tasks.editing.model import EditPipeline, EditSTARFlow
@@ -60,7 +61,7 @@ def build_edit_trainer(model: EditSTARFlow, data: EditDataset, train_cfg, text_e
         ids = ids.cpu()
         states, mask, _ = table.lookup(which[ids])
         dev = next(model.parameters()).device
-        return {"text": (states.to(dev), mask.to(dev)), "source": sources[ids].to(dev)}
+        return {"cond": Condition(text=states.to(dev), text_mask=mask.to(dev), source=sources[ids].to(dev))}
 
     preview_idx = torch.arange(min(16, len(data)))
 
