@@ -3,7 +3,7 @@ instruction editing, on whichever shipped models exist.
 
 Sections (each runs only if its model is there):
 
-[1] MNIST (class-conditional pixel model, starflow/assets/starflow_mnist)
+[1] MNIST (class-conditional pixel model, starflow/assets/starflow_mnist_pixel)
     a. encode/decode round trip on test digits: max error in [-1,1] pixels, fraction bytes-exact, seconds.
     b. exact bits/dim per image as an out-of-distribution score: MNIST test vs inverted digits, grayscale
        shapes scenes, sklearn 8x8 digits upscaled, uniform noise; AUROC (higher bits/dim = OOD).
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from starflow.tasks import encode as E  # noqa: E402
 from starflow.tasks.inpaint import inpaint  # noqa: E402
-from starflow.io.shipped import DEFAULT_DIGITS_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
+from starflow.io.shipped import PIXEL_DIGITS_MODEL, DEFAULT_TEXT_MODEL  # noqa: E402
 
 LINES: list[str] = []
 
@@ -311,7 +311,7 @@ def main(argv=None):
     p.add_argument("--shapes-guidance", type=float, default=2.0)
     p.add_argument("--edit-guidance", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--mnist-model", default=DEFAULT_DIGITS_MODEL)
+    p.add_argument("--mnist-model", default=PIXEL_DIGITS_MODEL)
     p.add_argument("--shapes-model", default=DEFAULT_TEXT_MODEL)
     from starflow.tasks.editing import DEFAULT_EDIT_MODEL
 

@@ -19,13 +19,13 @@ import torch
 from starflow.data import DigitsDataset
 from starflow.flow.selective_jacobi import calibrate, save_calibration
 from starflow.io.images import dequantize
-from starflow.io.shipped import DEFAULT_DIGITS_MODEL
+from starflow.io.shipped import PIXEL_DIGITS_MODEL
 from starflow.pipeline import load_pretrained
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_DIGITS_MODEL, help="pipeline or model directory")
+    p.add_argument("--checkpoint", default=PIXEL_DIGITS_MODEL, help="pipeline or model directory")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--noise-std", type=float, default=0.1, help="the training noise augmentation")

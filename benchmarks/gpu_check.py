@@ -1,6 +1,6 @@
 """Prove the CUDA path in one short run (used on a lent GPU; CI has none).
 
-    python benchmarks/gpu_check.py --checkpoint starflow/assets/starflow_mnist
+    python benchmarks/gpu_check.py --checkpoint starflow/assets/starflow_mnist_pixel
 
 1. the shipped model on CUDA: forward/inverse round trip, cached = naive = Jacobi, NLL under bf16
    autocast close to fp32;
@@ -17,13 +17,13 @@ import torch
 
 from starflow import STARFlow, TrainConfig
 from starflow.flow.config import FlowConfig
-from starflow.io.shipped import DEFAULT_DIGITS_MODEL
+from starflow.io.shipped import PIXEL_DIGITS_MODEL
 from starflow.pipeline import load_pretrained
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint", default=DEFAULT_DIGITS_MODEL)
+    p.add_argument("--checkpoint", default=PIXEL_DIGITS_MODEL)
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(dev)}, bf16 supported: {torch.cuda.is_bf16_supported()}")

@@ -149,10 +149,10 @@ def main(argv=None):
             bench_model(f"tarflow (official code, width {args.width}, perturb {args.perturb})", ours, off, batches,
                         args.repeats, args.naive_max_batch, guided, rows)
     if "mnist" in args.models:
-        from starflow.io.shipped import DEFAULT_DIGITS_MODEL
+        from starflow.io.shipped import PIXEL_DIGITS_MODEL
         from starflow.pipeline import load_pretrained
 
-        model = load_pretrained(args.mnist or DEFAULT_DIGITS_MODEL).model.eval()
+        model = load_pretrained(args.mnist or PIXEL_DIGITS_MODEL).model.eval()
         print("mnist: the official code cannot build a prefix-conditioned deep-shallow stack; starflow samplers only")
         bench_model("shipped MNIST STARFlow", model, None, batches, args.repeats, args.naive_max_batch, guided, rows)
     if args.json:
