@@ -11,6 +11,7 @@ import importlib
 # model_type -> "module:Class"
 MODEL_TYPES = {
     "starflow": "starflow.flow.model:STARFlow",
+    "starflow-edit": "starflow.flow.edit:EditSTARFlow",
     "rectified-flow": "starflow.peers.rectified_flow:RectifiedFlow",
     "flowar": "starflow.peers.flowar:FlowAR",
 }
