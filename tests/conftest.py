@@ -33,3 +33,21 @@ def tiny_config(**kw) -> FlowConfig:
 def tiny_model():
     torch.manual_seed(0)
     return perturbed(STARFlow(tiny_config(num_classes=3)))
+
+
+def assert_blocks_causal(model, x, kw, B: int = 2):
+    """Perturbing token j of any block's input changes no output at positions <= j, and changes j + 1."""
+    cond = model.make_condition(B, kw.get("y"), kw.get("text"))
+    tokens = model.patchify(x)
+    L = tokens.shape[1]
+    for block in model.blocks:
+        ctx = block.context(cond if block.conditional else None, B, x.device)
+        xp = tokens[:, ctx.perm]
+        base = block.predict(xp, ctx)
+        for j in (0, L // 2, L - 1):
+            bumped = xp.clone()
+            bumped[:, j] += 1.0
+            out = block.predict(bumped, ctx)
+            assert torch.equal(out[:, :j + 1], base[:, :j + 1])
+            if j + 1 < L:
+                assert not torch.allclose(out[:, j + 1], base[:, j + 1])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import perturbed, tiny_config
+from conftest import assert_blocks_causal, perturbed, tiny_config
 from starflow import STARFlow
 
 VARIANTS = {
@@ -78,20 +78,7 @@ def test_every_block_is_causal(name):
     cfg = tiny_config(**VARIANTS[name])
     model = perturbed(STARFlow(cfg))
     x, kw = _inputs(cfg, B=2)
-    cond = model.make_condition(2, kw.get("y"), kw.get("text"))
-    tokens = model.patchify(x)
-    L = tokens.shape[1]
-    for block in model.blocks:
-        ctx = block.context(cond if block.conditional else None, 2, x.device)
-        xp = tokens[:, ctx.perm]
-        base = block.predict(xp, ctx)
-        for j in (0, L // 2, L - 1):
-            bumped = xp.clone()
-            bumped[:, j] += 1.0
-            out = block.predict(bumped, ctx)
-            assert torch.equal(out[:, : j + 1], base[:, : j + 1])
-            if j + 1 < L:
-                assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+    assert_blocks_causal(model, x, kw)
 
 
 def test_blocks_alternate_order():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import perturbed, tiny_config
+from conftest import assert_blocks_causal, perturbed, tiny_config
 from test_flow_math import _inputs
 from starflow import STARFlow, TrainConfig
 from starflow.data import DigitsDataset
@@ -91,20 +91,7 @@ def test_logdet_matches_autograd_jacobian(name):
 def test_every_block_is_causal(name):
     model, cfg = _model(name)
     x, kw = _inputs(cfg, B=2)
-    cond = model.make_condition(2, kw.get("y"), kw.get("text"))
-    tokens = model.patchify(x)
-    L = tokens.shape[1]
-    for block in model.blocks:
-        ctx = block.context(cond if block.conditional else None, 2, x.device)
-        xp = tokens[:, ctx.perm]
-        base = block.predict(xp, ctx)
-        for j in (0, L // 2, L - 1):
-            bumped = xp.clone()
-            bumped[:, j] += 1.0
-            out = block.predict(bumped, ctx)
-            assert torch.equal(out[:, :j + 1], base[:, :j + 1])
-            if j + 1 < L:
-                assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+    assert_blocks_causal(model, x, kw)
 
 
 @pytest.mark.parametrize("name", SWITCHES)
