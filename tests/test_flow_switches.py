@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_blocks_causal, perturbed, tiny_config
+from conftest import assert_blocks_causal, assert_logdet_matches_jacobian, perturbed, tiny_config
 from test_flow_math import _inputs
 from starflow import STARFlow, TrainConfig
 from starflow.data import DigitsDataset
@@ -76,15 +76,7 @@ def test_logdet_matches_autograd_jacobian(name):
     model, cfg = _model(name, torch.float64, scale=0.1, image_size=4)
     x, kw = _inputs(cfg, B=1)
     x, kw = x.double(), _cast(kw, torch.float64)
-
-    def f(flat):
-        return model(flat.view_as(x), **kw)[0].flatten()
-
-    jac = torch.autograd.functional.jacobian(f, x.flatten())
-    _, expected = torch.linalg.slogdet(jac)
-    _, logdet = model(x, **kw)
-    assert abs(logdet.item()) > 1e-3
-    assert logdet.item() == pytest.approx(expected.item(), abs=1e-8)
+    assert_logdet_matches_jacobian(model, x, kw)
 
 
 @pytest.mark.parametrize("name", SWITCHES)

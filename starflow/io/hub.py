@@ -116,13 +116,18 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {' '.join(str(e).split())}") from e
 
 
+def check_config_file(path: str, what: str, kind: str) -> None:
+    """``ConfigError`` naming ``path`` when it is a folder or missing (``kind``: "JSON", "YAML")."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder, expected a {kind} file")
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path} does not exist")
+
+
 def read_json(path: str, what: str = "JSON file") -> dict:
     """A JSON object from ``path``; ``ConfigError`` naming the file for a folder, a missing or corrupt
     file, or JSON that is not an object."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{what} {path} is a folder, expected a JSON file")
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} {path} does not exist")
+    check_config_file(path, what, "JSON")
     try:
         with open(path) as f:
             data = json.load(f)

@@ -6,13 +6,13 @@ this module never imports a model module itself.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import yaml
 
 from starflow.errors import ConfigError, LimitError
 from starflow.flow.config import FlowConfig
+from starflow.io.hub import check_config_file
 from starflow.models import model_class
 from starflow.schema import require
 from starflow.train.config import TrainConfig
@@ -53,10 +53,7 @@ def _build(cls, data: dict, where: str):
 
 def read_yaml(path: str, what: str = "YAML file") -> dict:
     """A YAML mapping from ``path`` (safe loader), or ``ConfigError`` naming the file and the problem."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{what} {path} is a folder, expected a YAML file")
-    if not os.path.exists(path):
-        raise ConfigError(f"{what} {path} does not exist")
+    check_config_file(path, what, "YAML")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
