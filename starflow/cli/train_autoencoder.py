@@ -30,8 +30,12 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--norm-groups", type=int, default=32)
     p.add_argument("--mid-attention", action="store_true", help="self-attention in the mid block")
     p.add_argument("--flip", action="store_true", help="random horizontal flips (not for digits)")
-    p.add_argument("--image-size", type=int, default=None, help="folder datasets only")
+    p.add_argument("--image-size", type=int, default=None, help="folder datasets and shapes (default 32)")
     p.add_argument("--image-channels", type=int, default=3, help="folder datasets only")
+    p.add_argument("--align-to", default=None, metavar="AUTOENCODER",
+                   help="train in this autoencoder's latent space (shipped name or directory): the encoder "
+                        "regresses its latents of the downsampled image, the decoder draws the full-size image "
+                        "from them, so flows trained on its latents sample at this size")
     p.add_argument("--eval-sigma", type=float, default=0.3, help="also report PSNR with this latent noise")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
@@ -47,6 +51,8 @@ def _command(args) -> str:
              "--latent-channels", str(args.latent_channels), "--channels", args.channels,
              "--layers-per-block", str(args.layers_per_block), "--norm-groups", str(args.norm_groups),
              "--eval-sigma", str(args.eval_sigma), "--save-dtype", args.save_dtype, "--seed", str(args.seed)]
+    if args.align_to:
+        parts += ["--align-to", args.align_to]
     if args.mid_attention:
         parts.append("--mid-attention")
     if args.flip:
@@ -77,7 +83,8 @@ def split_train_test(name: str, image_size, channels):
 def run(args) -> int:
     import torch
 
-    from starflow.components.autoencoder import Autoencoder  # lazy: sub-command help must not import torch
+    # lazy: sub-command help must not import torch
+    from starflow.components.autoencoder import Autoencoder, resolve_autoencoder
     # lazy: sub-command help must not import torch
     from starflow.train.autoencoder_trainer import (AutoencoderTrainConfig, config_to_dict, reconstruction_psnr,
                                                     train_autoencoder)
@@ -98,10 +105,14 @@ def run(args) -> int:
     train, test = split_train_test(args.dataset, args.image_size, args.image_channels)
     print(f"train-autoencoder: {args.dataset} train {tuple(train.shape)} test {tuple(test.shape)} on {device}, "
           f"{torch.get_num_threads()} threads")
+    align_to = resolve_autoencoder(args.align_to, device=device) if args.align_to else None
     t0 = time.time()
-    ae, hist = train_autoencoder(train, cfg, device=device)
+    ae, hist = train_autoencoder(train, cfg, device=device, align_to=align_to)
     train_s = time.time() - t0
     ae.info = {"dataset": args.dataset, "image_size": int(train.shape[-1]), "command": _command(args)}
+    if args.align_to:
+        ae.info["aligned_to"] = {"autoencoder": args.align_to, "encoder_fingerprint": align_to.encoder_fingerprint(),
+                                 "final_align_mse": hist["kl"][-1]}
     dtype = torch.float16 if args.save_dtype == "float16" else torch.float32
     ae.save_pretrained(args.out, dtype=dtype)
     # numbers are measured on the weights as stored (reloaded from disk)
@@ -114,7 +125,8 @@ def run(args) -> int:
                "threads": torch.get_num_threads(), "device": str(device), "parameters": n_params,
                "scaling_factor": re.scaling_factor, "shift_factor": re.shift_factor,
                "latent_shape": list(re.latent_shape(int(train.shape[-1]))), "config": config_to_dict(cfg),
-               "final_recon_loss": hist["recon"][-1], "final_kl_per_pixel": hist["kl"][-1],
+               "final_recon_loss": hist["recon"][-1],
+               ("final_align_mse" if args.align_to else "final_kl_per_pixel"): hist["kl"][-1],
                "torch": torch.__version__, "python": platform.python_version()}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -138,9 +150,13 @@ def _write_recipe(args, m, train, test) -> None:
         f"layers_per_block={m['config']['layers_per_block']}, {m['parameters']:,} parameters, "
         f"latent {tuple(m['latent_shape'])}, weights stored as {args.save_dtype}",
         f"- latent normalisation: z = (mean_latent - {m['shift_factor']:.6g}) * {m['scaling_factor']:.6g} "
-        "(1/std and mean over the train split)",
+        + ("(the reference's, kept)" if args.align_to else "(1/std and mean over the train split)"),
         f"- test PSNR (decode(encode(x)), images in [0,1], mean over images): **{m['test_psnr_db']:.2f} dB**",
     ]
+    if args.align_to:
+        lines.append(f"- latent space: aligned to `{args.align_to}` (the encoder regresses its latents of the image "
+                     f"area-downsampled to its size, final mean-squared error {m['final_align_mse']:.4f} in "
+                     "normalised units; the decoder is trained on its latents)")
     if noisy is not None:
         lines.append(f"- test PSNR with σ={args.eval_sigma} Gaussian noise added to the normalised latent: "
                      f"{noisy:.2f} dB")

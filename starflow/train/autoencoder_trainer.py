@@ -4,6 +4,11 @@ decoder to read noisy latents.
 * ``train_autoencoder``: reconstruction (L1 + L2 by default) + a small KL term on the posterior,
   Adam with warm-up and cosine decay; afterwards the latent normalisation (global shift = mean, scale =
   1/std of the posterior-mean latents over the train split) is computed and stored.
+* ``train_autoencoder(..., align_to=ref)``: a bigger-image autoencoder in a *reference* autoencoder's
+  latent space: the encoder regresses ``ref``'s latents of the image area-downsampled to ``ref``'s size,
+  the decoder learns to draw the full-size image from ``ref``'s latents, and the reference's latent
+  normalisation is kept. A flow trained on ``ref``'s latents then samples at the new size (64x64 shapes
+  through 8x from the 32x32 4x autoencoder's 4x8x8 latents) without retraining.
 * ``finetune_decoder``: encoder frozen; the decoder (and ``post_quant_conv``) is trained to map
   ``z + σε`` (normalised latents, fresh ε each step) back to the image. Encoder weights and the latent
   normalisation are untouched, so latents cached for the original autoencoder stay valid.
@@ -141,15 +146,43 @@ def reconstruction_psnr(ae: Autoencoder, images: torch.Tensor, sigma: float = 0.
     return torch.cat(psnrs).mean().item()
 
 
+@torch.no_grad()
+def reference_latents(ref: Autoencoder, images: torch.Tensor, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of ``ref``'s raw posterior for uint8 ``images`` area-downsampled to ``ref``'s image size."""
+    size = ref.vae.config.sample_size
+    if images.shape[-1] % size:
+        raise ValueError(f"image size {images.shape[-1]} is not a multiple of the reference autoencoder's {size}")
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        x = F.interpolate(images_to_float(images[i:i + batch_size]).float(), size=(size, size), mode="area")
+        post = ref.vae.encode(x.to(ref.device, ref.dtype)).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, device="cpu",
-                      log: Callable[[str], None] = print, eval_images: torch.Tensor | None = None) -> tuple[Autoencoder, dict]:
+                      log: Callable[[str], None] = print, eval_images: torch.Tensor | None = None,
+                      align_to: Autoencoder | None = None) -> tuple[Autoencoder, dict]:
     """Train on uint8 images [N,C,H,W] (square). Returns the autoencoder (normalisation set) and a
-    history dict (losses, seconds, final eval PSNR on ``eval_images`` if given)."""
+    history dict (losses, seconds, final eval PSNR on ``eval_images`` if given). With ``align_to`` the
+    latent space is the reference's (see the module docstring); ``kl`` then logs the encoder's
+    mean-squared error to the reference latents, in normalised units."""
     if train_images.ndim != 4 or train_images.shape[-1] != train_images.shape[-2]:
         raise ValueError(f"expected square images [N,C,H,W], got {tuple(train_images.shape)}")
     torch.manual_seed(cfg.seed)
     c, size = train_images.shape[1], train_images.shape[-1]
     vae = build_autoencoderkl(c, size, cfg)
+    down = 2 ** (len(cfg.block_out_channels) - 1)
+    if align_to is not None:
+        if cfg.flip:
+            raise ValueError("flip cannot be combined with align_to (the reference latents are of unflipped images)")
+        ref_mean, ref_std = reference_latents(align_to, train_images)
+        want = (cfg.latent_channels, size // down, size // down)
+        if tuple(ref_mean.shape[1:]) != want:
+            raise ValueError(f"the reference autoencoder's latents are {tuple(ref_mean.shape[1:])}, this one's "
+                             f"would be {want}: match --latent-channels and the downsampling factor")
+        ref_scale = torch.as_tensor(align_to.scaling_factor, dtype=torch.float32).view(-1, 1, 1)
     ae = Autoencoder(vae, scaling_factor=1.0, shift_factor=0.0).to(device)
     ae.train()
     opt = torch.optim.Adam(ae.vae.parameters(), lr=cfg.lr)
@@ -164,11 +197,16 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
         idx = torch.randint(0, len(train_images), (cfg.batch_size,), generator=gen)
         x = _batch(train_images, idx, cfg.flip, gen, device)
         post = ae.vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+        if align_to is None:
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+            kl = post.kl().mean() / n_pix
+        else:  # decoder reads the reference's latents; encoder regresses them (normalised units)
+            m = ref_mean[idx]
+            z = (m + ref_std[idx] * torch.randn(m.shape, generator=gen)).to(device)
+            kl = ((post.mean - m.to(device)) * ref_scale.to(device)).pow(2).mean()
         y = ae.vae.decode(z).sample
         rec = _recon_loss(y, x, cfg.recon_loss)
-        kl = post.kl().mean() / n_pix
-        loss = rec + cfg.kl_weight * kl
+        loss = rec + (cfg.kl_weight if align_to is None else 1.0) * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -181,11 +219,14 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
             hist["step"].append(step + 1)
             hist["recon"].append(run_rec / k)
             hist["kl"].append(run_kl / k)
-            log(f"step {step + 1}/{cfg.steps}  recon {run_rec / k:.4f}  kl/pixel {run_kl / k:.3f}  "
-                f"{time.time() - t0:.0f}s")
+            log(f"step {step + 1}/{cfg.steps}  recon {run_rec / k:.4f}  "
+                f"{'kl/pixel' if align_to is None else 'align mse'} {run_kl / k:.3f}  {time.time() - t0:.0f}s")
             run_rec = run_kl = 0.0
     ae.eval()
-    scale, shift = compute_latent_normalization(ae, train_images)
+    if align_to is None:
+        scale, shift = compute_latent_normalization(ae, train_images)
+    else:
+        scale, shift = align_to.scaling_factor, align_to.shift_factor
     ae.set_normalization(scale, shift)
     hist["train_seconds"] = time.time() - t0
     hist["scaling_factor"], hist["shift_factor"] = scale, shift
