@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -323,6 +324,31 @@ def test_train_and_finetune_decoder_only_changes_decoder(tmp_path):
         assert torch.equal(re.encode(x), orig.encode(x))
         assert not torch.equal(re.decode(orig.encode(x)), orig.decode(orig.encode(x)))
     assert reconstruction_psnr(re, x) > 0
+
+
+def test_aligned_autoencoder_keeps_the_reference_latent_space():
+    """--align-to: a 2x-bigger-image autoencoder whose encoder regresses the reference's latents of the
+    downsampled image; its normalisation is the reference's, and the regression error falls."""
+    from starflow.train.autoencoder_trainer import AutoencoderTrainConfig, reference_latents, train_autoencoder
+
+    small = TinyImages(32, c=3, size=8).images
+    ref, _ = train_autoencoder(small, AutoencoderTrainConfig(steps=2, batch_size=8, block_out_channels=(8, 8),
+                                                             norm_num_groups=8), log=lambda s: None)
+    big = small.repeat_interleave(2, -1).repeat_interleave(2, -2)  # 16x16; area-downsampling gives `small` back
+    mean, _ = reference_latents(ref, big)
+    with torch.no_grad():
+        assert torch.allclose(mean, ref.encode_raw(small), atol=1e-5)
+    cfg = AutoencoderTrainConfig(steps=30, batch_size=8, lr=3e-3, block_out_channels=(8, 8, 8), norm_num_groups=8,
+                                 log_every=5)
+    ae, hist = train_autoencoder(big, cfg, log=lambda s: None, align_to=ref)
+    assert (ae.scaling_factor, ae.shift_factor) == (ref.scaling_factor, ref.shift_factor)
+    assert ae.latent_shape(16) == ref.latent_shape(8)
+    assert hist["kl"][-1] < 0.5 * hist["kl"][0]  # 'kl' logs the alignment error here
+    with pytest.raises(ValueError, match="reference autoencoder's latents"):
+        train_autoencoder(big, AutoencoderTrainConfig(steps=1, block_out_channels=(8, 8), norm_num_groups=8),
+                          log=lambda s: None, align_to=ref)
+    with pytest.raises(ValueError, match="flip"):
+        train_autoencoder(big, dataclasses_replace(cfg, flip=True), log=lambda s: None, align_to=ref)
 
 
 def test_finetune_cli_end_to_end(tmp_path):

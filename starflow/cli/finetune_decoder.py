@@ -25,7 +25,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2"])
     p.add_argument("--flip", action="store_true", help="also train on flipped images (not for digits)")
-    p.add_argument("--image-size", type=int, default=None, help="folder datasets only")
+    p.add_argument("--image-size", type=int, default=None, help="default: the image size recorded with the autoencoder")
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
     add_device_arg(p)
@@ -82,7 +82,8 @@ def run(args) -> int:
     dataset = args.dataset or ae.info.get("dataset")
     if not dataset:
         raise ValueError(f"{args.autoencoder} does not record its dataset; pass --dataset")
-    train, test = split_train_test(dataset, args.image_size, ae.image_channels)
+    # the autoencoder's own image size (shapes renders at any size) unless the user overrides it
+    train, test = split_train_test(dataset, args.image_size or ae.info.get("image_size"), ae.image_channels)
     if train.shape[1] != ae.image_channels:
         raise ValueError(f"dataset {dataset!r} has {train.shape[1]}-channel images; the autoencoder expects "
                          f"{ae.image_channels}")
