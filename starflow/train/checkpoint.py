@@ -265,11 +265,20 @@ def optimizer_param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     return names
 
 
-def _check_moments(where: str, entry: dict, name: str, param: torch.Tensor, position: str) -> None:
+def _check_moments(where: str, entry: dict, name: str, shape: torch.Size, position: str = "") -> None:
     for key, value in entry.items():
-        if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+        if torch.is_tensor(value) and value.dim() and value.shape != shape:
             raise CheckpointError(f"{where}: the optimizer's {key} for parameter {name!r}{position} has shape "
-                                  f"{list(value.shape)}, the model's parameter has {list(param.shape)}")
+                                  f"{list(value.shape)}, the parameter has {list(shape)}")
+
+
+def _check_by_position(where: str, state: dict, names: list[str], shapes: dict[str, torch.Size]) -> None:
+    """``names[k]`` is the parameter numbered k: count and every moment's shape must fit."""
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(f"{where}: the optimizer state covers {len(ids)} parameters, not {len(names)}")
+    for k, (i, name) in enumerate(zip(ids, names)):
+        _check_moments(where, state["state"].get(i, {}), name, shapes[name], f" (#{k} in order)")
 
 
 def match_optimizer_state(state: dict, saved_names: list[str] | None, model: torch.nn.Module,
@@ -278,32 +287,28 @@ def match_optimizer_state(state: dict, saved_names: list[str] | None, model: tor
     ``opt.load_state_dict`` gives each parameter its own moments whatever order the model registers its
     modules in. ``saved_names``: the parameter names in the saved numbering (``param_names``).
 
-    Checkpoints written before the names were recorded: their model tensors cannot say the old order
+    Checkpoints written before the names were recorded: their model tensors cannot tell the old order
     (safetensors stores tensors sorted by dtype and name), so the saved numbering is taken as today's
     when every saved moment has the shape of today's parameter at its position, as ``load_state_dict``
     always assumed; otherwise ``record_param_names`` can add the names. Every mismatch raises
     ``CheckpointError`` naming the parameter."""
     current = optimizer_param_names(model, opt)
-    params = dict(model.named_parameters())
+    shapes = {name: p.shape for name, p in model.named_parameters()}
     saved_groups = state["param_groups"]
-    saved_ids = [i for group in saved_groups for i in group["params"]]
     if len(saved_groups) != len(opt.param_groups):
         raise CheckpointError(f"{where}: the optimizer state has {len(saved_groups)} parameter group(s), "
                               f"this optimizer {len(opt.param_groups)}")
     if saved_names is None:  # an older checkpoint: positions only, checked by shape
-        if len(saved_ids) != len(current):
-            raise CheckpointError(f"{where}: the optimizer state covers {len(saved_ids)} parameters, the model "
-                                  f"has {len(current)}")
-        for position, (i, name) in enumerate(zip(saved_ids, current)):
-            try:
-                _check_moments(where, state["state"].get(i, {}), name, params[name], f" (#{position} in order)")
-            except CheckpointError as e:
-                raise CheckpointError(
-                    f"{e}. The checkpoint does not record its parameter names (it predates them) and the model "
-                    "registers its parameters in another order than the code that wrote it; add the names with "
-                    "starflow.train.checkpoint.record_param_names(<checkpoint>, <model built by that code>)"
-                ) from None
+        try:
+            _check_by_position(where, state, current, shapes)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}. The checkpoint predates recorded parameter names, and this model registers its parameters "
+                "in another order than the code that wrote it: add their names in that order with "
+                "starflow.train.checkpoint.record_param_names(<checkpoint>, <names>), where <names> is "
+                "[n for n, _ in model.named_parameters()] for a model built by that code") from None
         return state
+    saved_ids = [i for group in saved_groups for i in group["params"]]
     if len(saved_names) != len(saved_ids) or len(set(saved_names)) != len(saved_names):
         raise CheckpointError(f"{where}: its {len(saved_names)} param_names do not number the optimizer's "
                               f"{len(saved_ids)} parameters one each")
@@ -314,11 +319,10 @@ def match_optimizer_state(state: dict, saved_names: list[str] | None, model: tor
         names = current[first: first + len(group["params"])]
         first += len(group["params"])
         was = {name_of_saved[i] for i in saved["params"]}
-        for name in names:
-            if name not in was:
-                raise CheckpointError(f"{where}: the model's parameter {name!r} has no optimizer state in "
-                                      f"parameter group {g} of the checkpoint")
-        extra = sorted(was - set(names))
+        missing, extra = [n for n in names if n not in was], sorted(was - set(names))
+        if missing:
+            raise CheckpointError(f"{where}: the model's parameter {missing[0]!r} has no optimizer state in "
+                                  f"parameter group {g} of the checkpoint")
         if extra:
             raise CheckpointError(f"{where}: the checkpoint's optimizer holds parameter {extra[0]!r}, which is not "
                                   f"in parameter group {g} of this model's optimizer")
@@ -326,24 +330,28 @@ def match_optimizer_state(state: dict, saved_names: list[str] | None, model: tor
     renumbered = {}
     for i, entry in state["state"].items():
         name = name_of_saved[i]
-        _check_moments(where, entry, name, params[name], "")
+        _check_moments(where, entry, name, shapes[name])
         renumbered[position[name]] = entry
     return {"state": renumbered, "param_groups": groups}
 
 
-def record_param_names(path: str, model: torch.nn.Module) -> dict:
-    """Write the parameter names into an older full checkpoint's manifest, so a model that registers its
-    modules in another order can resume from it. ``model`` must be built by the code that wrote the
-    checkpoint (its ``parameters()`` order is the optimizer's numbering); the moments' shapes are checked
-    against it. Returns the new manifest."""
-    manifest = verify(path, FULL_STEMS)
+def record_param_names(path: str, names: list[str]) -> dict:
+    """Write the parameter names into an older full checkpoint's manifest, so that a model registering its
+    modules in another order can resume from it. ``names``: the model's parameter names in the order the
+    code that wrote the checkpoint registered them (its ``named_parameters()``, the optimizer's numbering).
+    Checked against the checkpoint itself: every name is one of its model's tensors and every optimizer
+    moment has that tensor's shape. Returns the new manifest."""
+    manifest, tensors = load_checkpoint(path, FULL_STEMS)
     rest = manifest.get("optimizer")
     if manifest.get("format", "full") != "full" or not isinstance(rest, dict):
         raise CheckpointError(f"{path}: not a full checkpoint with optimizer state")
-    names = [name for name, _ in model.named_parameters()]
-    state = unflatten_optimizer(load_safetensors(os.path.join(path, "optimizer.safetensors")), rest)
-    opt = torch.optim.AdamW(model.parameters())  # numbers the parameters as the trainer's optimizer did
-    match_optimizer_state(state, None, model, opt, path)
+    names = list(names)
+    unknown = [n for n in names if n not in tensors["model"]]
+    if unknown or len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: {unknown[0]!r} is not one of the checkpoint's parameters" if unknown
+                              else f"{path}: a parameter name is listed twice")
+    state = unflatten_optimizer(tensors["optimizer"], rest)
+    _check_by_position(path, state, names, {n: tensors["model"][n].shape for n in names})
     if rest.get("param_names") not in (None, names):
         raise CheckpointError(f"{path}: already records other parameter names")
     manifest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
