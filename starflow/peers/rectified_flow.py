@@ -322,8 +322,8 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
             if any(v is not None for v in (steps, schedule, mu, shift)):
                 raise ValueError("give steps / schedule / shift / mu either in the EulerSampler or as keywords, "
                                  "not both")
-            steps, schedule, mu, shift, sampler = sampler.steps, sampler.schedule, sampler.mu, sampler.shift, \
-                sampler.backend
+            steps, schedule, mu, shift = sampler.steps, sampler.schedule, sampler.mu, sampler.shift
+            sampler = sampler.backend
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
                             negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler, shift=shift)
 
