@@ -35,6 +35,7 @@ from starflow.components.postprocess import DENOISE, denoise_and_decode
 from starflow.errors import ConfigError
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import guidance_weight
+from starflow.flow.samplers import EulerSampler
 from starflow.io.hub import atomic_write_bytes, inside, read_config
 from starflow.protocols import LikelihoodModel
 
@@ -173,8 +174,9 @@ class StarflowPipeline:
         elif negative_prompt is not None:
             raise ValueError("negative_prompt needs a prompt")
         device = device or self.device
-        if self.sampler is not None and "sampler" not in kwargs:
-            kwargs["sampler"] = self.sampler
+        if self.sampler is not None and "sampler" not in kwargs:  # the component, with this call's own choices
+            kwargs["sampler"] = self.sampler.overridden_by(kwargs) if isinstance(self.sampler, EulerSampler) \
+                else self.sampler
         x = self.model.sample(n, generator=generator, device=device, cond=cond, **kwargs)
         return self.finish(x, cond=cond)
 

@@ -65,8 +65,8 @@ def test_plan_samplers_honour_threshold_and_cap():
     # Without a cap the whole-block window runs at most L sweeps, and stops once the change is below it.
     _, stats = model.inverse(z, plan=["jacobi"] * T_, jacobi_threshold=1e-300, return_stats=True, **kw)
     assert all(1 <= it[0] <= L for it in stats.iterations)
-    # The statistics are what last_jacobi_iterations holds (sampling order: last block first).
-    assert model.last_jacobi_iterations == [i for b in reversed(range(T_)) for i in stats.iterations[b]]
+    # sweeps() lists them in sampling order: the last block first.
+    assert stats.sweeps() == [i for b in reversed(range(T_)) for i in stats.iterations[b]]
 
 
 def test_plain_causal_attention_equals_masked_path(monkeypatch):

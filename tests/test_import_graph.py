@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle, and imports hidden in functions say why they are there.
+"""The package's import graph has no cycle, no import runs from a lower layer into a higher one, and
+imports hidden in functions say why they are there.
 
 The graph is read from the source (AST), so it sees every import: module level and in-function,
 relative ones resolved. ``from starflow.pkg import name`` is an edge to ``starflow.pkg.name`` when that
@@ -22,6 +23,34 @@ LAZY_MARK = "# lazy:"
 # module level or given their reason (cli/ and app/: start-up; pipeline and train/build: only the
 # components a folder or recipe uses). Keep it at zero: a new in-function import says why, or moves up.
 UNEXPLAINED_LAZY_BUDGET = 0
+
+
+# The package's layers, lowest first, as the code stands. A module imports from its own layer and the ones
+# below, never from one above (in-function imports and the registry's names included). Each layer lists
+# rooms: a sub-package or root module, matched by the longest dotted prefix ("" is the package's own
+# __init__). Where this differs from the obvious tree order it is because of what the code does:
+# - data.spaces (uint8 <-> model space, dequantisation, bits/dim) is plain torch arithmetic that io, the
+#   flow and the autoencoder all use, so it sits at the bottom although its folder holds the datasets,
+#   which sit above the autoencoder (a latent dataset encodes with it);
+# - io (safetensors, atomic writes, image files, shipped paths) is below everything that saves or loads;
+# - evaluation reads data and files only; tasks use it (edit scoring), so it is below them;
+# - tasks are above train: the editing task trains its model with the project trainer.
+LAYERS = [
+    ("errors", "protocols", "schema"),  # exceptions, the model-family contract, config checks
+    ("data.spaces", "nn"),              # pixel/model-space arithmetic; the transformer toolkit
+    ("io",),                            # files
+    ("flow",),                          # the flow: block, stack, inverse samplers, guidance, sampler components
+    ("peers",),                         # rectified flow / MM-DiT and FlowAR (use flow's sampler components)
+    ("components",),                    # autoencoder, text encoder, post-processing
+    ("data",),                          # datasets
+    ("evaluation", "convert"),          # metrics; converters of official checkpoints
+    ("models",),                        # the registry: model_type -> family class
+    ("pipeline",),                      # a model and its components, loaded from a folder
+    ("train",),                         # trainer, checkpoints, recipes
+    ("tasks",),                         # encode, inpaint, edit
+    ("app",),                           # the demo
+    ("cli", ""),                        # the commands, and the package's lazy re-exports
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,26 @@ def unexplained_lazy_imports(imports: list[Import], root: str = ROOT) -> list[Im
     return missing
 
 
+def layer_of(module: str, layers: list[tuple[str, ...]] = LAYERS) -> int | None:
+    """Index in ``layers`` of the room that holds ``module`` (longest matching prefix); None if none does."""
+    rel = module[len(PACKAGE) + 1:] if module != PACKAGE else ""
+    matches = [(len(room), level) for level, rooms in enumerate(layers) for room in rooms
+               if rel == room or (room and rel.startswith(room + "."))]
+    return max(matches)[1] if matches else None
+
+
+def upward_imports(imports: list[Import], layers: list[tuple[str, ...]] = LAYERS) -> list[Import]:
+    """The imports whose target sits in a higher layer than their source."""
+    return [i for i in imports if layer_of(i.target, layers) > layer_of(i.source, layers)]
+
+
+def registry_imports() -> list[Import]:
+    """The registry's ``"module:Class"`` names, as imports from ``starflow.models`` (line 0: not in the AST)."""
+    from starflow.models import MODEL_TYPES
+
+    return [Import("starflow.models", target.split(":")[0], 0, True) for target in MODEL_TYPES.values()]
+
+
 # --- the checks on the package -----------------------------------------------------------------------
 
 
@@ -153,13 +202,22 @@ def test_no_import_cycle_through_the_registry():
     """The registry imports its families by name (``"module:Class"`` strings), which the AST graph cannot
     see; counted as edges from ``starflow.models``, they must not close a cycle either (a recipe loader
     importing the registry once did: config -> models -> flow.model -> config)."""
-    from starflow.models import MODEL_TYPES
-
-    edges = [(i.source, i.target) for i in import_graph()]
-    edges += [("starflow.models", target.split(":")[0]) for target in MODEL_TYPES.values()]
+    edges = [(i.source, i.target) for i in import_graph() + registry_imports()]
     cycles = find_cycles(edges)
     assert not cycles, "import cycles once the registry's names count as imports:\n" + "\n".join(
         " <-> ".join(c) for c in cycles)
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in package_modules() if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer (add their room to LAYERS where their imports put it): {unplaced}"
+
+
+def test_no_import_runs_upward():
+    upward = upward_imports(import_graph() + registry_imports())
+    listing = "\n".join(f"{i.source}:{i.line} (layer {layer_of(i.source)}) imports {i.target} "
+                        f"(layer {layer_of(i.target)}){' in a function' if i.in_function else ''}" for i in upward)
+    assert not upward, f"imports from a lower layer into a higher one (see LAYERS):\n{listing}"
 
 
 def test_in_function_imports_without_a_reason_do_not_grow():
@@ -208,9 +266,32 @@ def test_the_checker_passes_an_acyclic_tree_and_flags_lazy_imports(tmp_path):
     assert [(i.source, i.line) for i in unexplained_lazy_imports(imports, root)] == [("starflow.b", 2)]
 
 
+def test_the_layer_check_finds_an_upward_in_function_import(tmp_path):
+    root = _write(tmp_path, {
+        "__init__.py": "",
+        "low/__init__.py": "",
+        "low/base.py": "def f():\n    from starflow.high import top\n",
+        "low/spaces.py": "",
+        "high/__init__.py": "",
+        "high/top.py": "from starflow.low import base\nfrom starflow.low.spaces import x\n",
+    })
+    layers = [("low.spaces",), ("high",), ("low", "")]  # low.spaces sits below its own folder
+    assert [layer_of(m, layers) for m in ("starflow.low.spaces", "starflow.high.top", "starflow.low.base",
+                                          "starflow")] == [0, 1, 2, 2]
+    upward = upward_imports(import_graph(root), layers)
+    assert [(i.source, i.target, i.in_function) for i in upward] == [
+        ("starflow.high.top", "starflow.low.base", False)]
+    layers = [("low",), ("high", "")]
+    upward = upward_imports(import_graph(root), layers)
+    assert [(i.source, i.target, i.in_function) for i in upward] == [
+        ("starflow.low.base", "starflow.high.top", True)]
+
+
 if __name__ == "__main__":  # a quick listing for whoever cleans up
     graph = import_graph()
     for c in find_cycles([(i.source, i.target) for i in graph]):
         print("cycle:", " <-> ".join(c))
     for i in unexplained_lazy_imports(graph):
         print(f"lazy without reason: {i.source}:{i.line} -> {i.target}")
+    for i in upward_imports(graph + registry_imports()):
+        print(f"upward: {i.source}:{i.line} -> {i.target}")

@@ -31,10 +31,11 @@ def test_jacobi_equals_sequential_on_trained_model(trained):
 
 def test_jacobi_stops_early_when_converged(trained):
     L = trained.config.num_tokens
-    trained.sample(8, y=torch.arange(8) % 10, sampler="jacobi", jacobi_threshold=1e-3)
-    iters = trained.last_jacobi_iterations
+    _, stats = trained.sample(8, y=torch.arange(8) % 10, sampler="jacobi", jacobi_threshold=1e-3, return_stats=True)
+    iters = stats.sweeps()
     assert len(iters) == trained.config.num_blocks
     assert max(iters) < L, f"Jacobi used {iters} sweeps for {L} tokens"
     # A cap below the window length is honoured.
-    trained.sample(2, y=torch.arange(2), sampler="jacobi", jacobi_threshold=1e-12, jacobi_max_iters=2)
-    assert trained.last_jacobi_iterations == [2, 2]
+    _, stats = trained.sample(2, y=torch.arange(2), sampler="jacobi", jacobi_threshold=1e-12, jacobi_max_iters=2,
+                              return_stats=True)
+    assert stats.sweeps() == [2, 2]

@@ -320,15 +320,7 @@ class STARFlow(nn.Module, PretrainedMixin):
             h = invert_block(block, h, ctx, guidance if block_guided else None, per_block[b], iterations[b])
         x = self.unpatchify(h, grid)
         stats = SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
-        self._last_stats = stats  # only for the deprecated ``last_jacobi_iterations``
         return (x, stats) if return_stats else x
-
-    @property
-    def last_jacobi_iterations(self) -> list[int] | None:
-        """Deprecated: pass ``return_stats=True`` and read ``SamplingStats.sweeps()``. The Jacobi sweeps of
-        the last ``inverse`` call, per block window in sampling order."""
-        stats = getattr(self, "_last_stats", None)
-        return None if stats is None else stats.sweeps()
 
     @torch.no_grad()
     def sample(self, n: int, y=None, text=None, temperature: float = 1.0, generator: torch.Generator | None = None,

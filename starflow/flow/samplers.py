@@ -8,7 +8,7 @@ The per-block plan samplers (selective, segment, auto) are resolved to per-block
 ``starflow.flow.chunked_jacobi``; the others are in ``starflow.flow.sampling``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SAMPLERS = ("sequential", "jacobi", "naive", "chunked-jacobi", "selective", "segment", "auto")
 EULER_SAMPLERS = ("euler", "diffusers")  # the Euler loop: starflow's own, or diffusers' scheduler
@@ -46,15 +46,27 @@ class FlowSampler:
         return out
 
 
+def check_shift(shift) -> float:
+    """A static shift alpha of the sigma grid: a finite number > 0."""
+    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and 0 < shift < float("inf")):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    return float(shift)
+
+
 @dataclass(frozen=True)
 class EulerSampler:
     """Euler integration from noise to data. ``steps``: None for the model's ``sample_steps`` (FlowAR also
     takes one count per scale); ``schedule`` (rectified flow): the sigma grid, None for the model's;
-    ``mu`` (rectified flow): dynamic shifting; ``backend``: one of ``EULER_SAMPLERS``."""
+    ``shift`` (rectified flow): the grid's static shift alpha (SD3's ``shift``), None for the model's;
+    ``mu`` (rectified flow): dynamic shifting instead; ``backend``: one of ``EULER_SAMPLERS``."""
     steps: int | tuple[int, ...] | None = None
     schedule: str | None = None
     mu: float | None = None
     backend: str = "euler"
+    shift: float | None = None
+
+    # The keyword form of each field, as the models' ``sample`` takes it (the same names).
+    KEYWORDS = ("steps", "schedule", "mu", "shift")
 
     def __post_init__(self):
         if self.backend not in EULER_SAMPLERS:
@@ -62,3 +74,18 @@ class EulerSampler:
         steps = self.steps if isinstance(self.steps, tuple) else (self.steps,)
         if any(s is not None and (not isinstance(s, int) or s < 1) for s in steps):
             raise ValueError(f"steps must be integers >= 1, got {self.steps!r}")
+        if self.shift is not None:
+            check_shift(self.shift)
+        if self.shift is not None and self.mu is not None:
+            raise ValueError("give a static shift or dynamic shifting (mu), not both")
+
+    def overridden_by(self, call_kwargs: dict) -> "EulerSampler":
+        """This sampler with the fields a call sets as keywords (``steps=``, ``shift=``, ...) taking their
+        place; those keywords are removed from ``call_kwargs``. How a pipeline's sampler component meets a
+        call's own choices, as a diffusers scheduler meets ``num_inference_steps``."""
+        given = {k: call_kwargs.pop(k) for k in self.KEYWORDS if call_kwargs.get(k) is not None}
+        if "shift" in given and "mu" not in given:  # a static shift replaces the component's dynamic one
+            given["mu"] = None
+        if "mu" in given and "shift" not in given:
+            given["shift"] = None
+        return replace(self, **given)

@@ -334,7 +334,7 @@ class FlowAR(nn.Module, PretrainedMixin):
         prompt) when given, else the learned null."""
         y, text, negative = condition_args(y, text, negative, cond)
         if sampler is not None:
-            if not isinstance(sampler, EulerSampler) or (sampler.schedule, sampler.mu, sampler.backend) != (None, None, "euler"):
+            if not isinstance(sampler, EulerSampler) or (sampler.schedule, sampler.mu, sampler.shift, sampler.backend) != (None, None, None, "euler"):
                 raise ValueError(f"FlowAR samples with an EulerSampler that sets steps only, got {sampler!r}")
             if steps is not None:
                 raise ValueError("give steps either in the EulerSampler or as a keyword, not both")

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from starflow.flow.samplers import EULER_SAMPLERS, EulerSampler
+from starflow.flow.samplers import EULER_SAMPLERS, EulerSampler, check_shift
 from starflow.io.hub import PretrainedMixin
 from starflow.peers.conditioning import Condition, ConditionEncoder, condition_args, repeat_condition  # noqa: F401  (re-exported)
 from starflow.peers.mmdit import MMDiT
@@ -305,23 +305,27 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
     def sample(self, n: int, y: torch.Tensor | None = None, text=None, guidance: float = 0.0, steps: int | None = None,
                generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
                negative=None, schedule: str | None = None, sigmas: torch.Tensor | None = None,
-               mu: float | None = None, sampler: str | EulerSampler = "euler", cond=None) -> torch.Tensor:
+               mu: float | None = None, sampler: str | EulerSampler = "euler", cond=None,
+               shift: float | None = None) -> torch.Tensor:
         """n images [n, C, H, W] by Euler integration from t=1 to t=0 (`steps` steps, default
         config.sample_steps). guidance w: v_c + w (v_c - v_u), cond and uncond rows in one batch;
         the unconditional rows use `negative` (a text triple, batch n or 1, e.g. the encoded empty
         prompt) when given, else the learned null.
 
-        Grid: `sigmas` if given, else `schedule` (default config.sample_schedule) with the config's
-        shift, or dynamic shifting with `mu` (default: from the token count if config.dynamic_shift).
-        sampler="diffusers" hands the loop to diffusers' FlowMatchEulerDiscreteScheduler (its own
-        sd3 grid, same shift / mu). An ``EulerSampler`` gives steps, schedule, mu and the loop as one value."""
+        Grid: `sigmas` if given, else `schedule` (default config.sample_schedule) with the static
+        `shift` (default config.shift), or dynamic shifting with `mu` (default: from the token count if
+        config.dynamic_shift and no `shift` is given). sampler="diffusers" hands the loop to diffusers'
+        FlowMatchEulerDiscreteScheduler (its own sd3 grid, same shift / mu). An ``EulerSampler`` gives
+        steps, schedule, shift, mu and the loop as one value."""
         y, text, negative = condition_args(y, text, negative, cond)
         if isinstance(sampler, EulerSampler):
-            if steps is not None or schedule is not None or mu is not None:
-                raise ValueError("give steps / schedule / mu either in the EulerSampler or as keywords, not both")
-            steps, schedule, mu, sampler = sampler.steps, sampler.schedule, sampler.mu, sampler.backend
+            if any(v is not None for v in (steps, schedule, mu, shift)):
+                raise ValueError("give steps / schedule / shift / mu either in the EulerSampler or as keywords, "
+                                 "not both")
+            steps, schedule, mu, shift = sampler.steps, sampler.schedule, sampler.mu, sampler.shift
+            sampler = sampler.backend
         return self._sample(n, y, text, guidance, steps, generator, device, cfg_batch=guidance != 0,
-                            negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler)
+                            negative=negative, schedule=schedule, sigmas=sigmas, mu=mu, sampler=sampler, shift=shift)
 
     def sampling_mu(self, mu: float | None = None) -> float | None:
         """mu of dynamic shifting: the caller's, else from the token count when config.dynamic_shift."""
@@ -330,10 +334,14 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         return mu
 
     def _sample(self, n, y, text, guidance, steps, generator, device, cfg_batch: bool, *, negative=None,
-                schedule=None, sigmas=None, mu=None, sampler="euler") -> torch.Tensor:
+                schedule=None, sigmas=None, mu=None, sampler="euler", shift=None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.device
         c = self.config
         steps = c.sample_steps if steps is None else steps
+        if shift is not None:  # a caller's static shift replaces the config's, and its dynamic shifting
+            if sigmas is not None or mu is not None:
+                raise ValueError("a shift shapes the schedule's grid: pass neither sigmas nor mu with it")
+            check_shift(shift)
         batch_size_of(n, y, text)
         if cfg_batch and not self.condition.conditional:
             raise ValueError("guidance needs a conditional model (num_classes > 0 or cond_dim > 0)")
@@ -342,7 +350,8 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
                              "(e.g. the encoded empty prompt)")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        mu = self.sampling_mu(mu)
+        mu = self.sampling_mu(mu) if shift is None else None
+        shift = c.shift if shift is None else shift
         noise = randn((n, c.in_channels, c.image_size, c.image_size), generator, device)
         if not cfg_batch:
             cond = self.condition(n, y, text, device=device)
@@ -357,9 +366,9 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         if sampler == "diffusers":
             if sigmas is not None or schedule not in (None, "sd3"):
                 raise ValueError("the diffusers sampler uses its own (sd3) grid: pass neither sigmas nor a schedule")
-            return diffusers_euler_sample(velocity, noise, steps, c.shift, mu)
+            return diffusers_euler_sample(velocity, noise, steps, shift, mu)
         if sigmas is None:
-            sigmas = schedule_sigmas(schedule or c.sample_schedule, steps, c.shift, mu, device=device)
+            sigmas = schedule_sigmas(schedule or c.sample_schedule, steps, shift, mu, device=device)
         return euler_sample(velocity, noise, steps, sigmas=sigmas)
 
     def nll(self, *args, **kwargs):

@@ -14,6 +14,13 @@ raises ``DiskFullError`` with the previous checkpoints untouched. Non-finite wei
 
 An FSDP checkpoint keeps its model/optimizer/EMA shards in a ``sharded/`` sub-folder written by
 ``torch.distributed.checkpoint``; those files are listed (with checksums) in the same manifest.
+
+Optimizer state is matched to parameters by name: torch's ``Optimizer.load_state_dict`` pairs saved and
+current parameters by position, so a model whose modules are registered in another order (same names
+and shapes, after a refactor) would get another parameter's moments, or crash on their shapes inside the
+step. A full checkpoint records the parameter names in the optimizer's numbering (``param_names`` in the
+manifest's ``optimizer`` entry) and ``match_optimizer_state`` renumbers the state for today's model. (The
+sharded state of FSDP is keyed by name already.)
 """
 from __future__ import annotations
 
@@ -42,8 +49,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state dict -> (tensors, JSON-able rest), since safetensors holds tensors only."""
+def flatten_optimizer(state: dict, param_names: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state dict -> (tensors, JSON-able rest), since safetensors holds tensors only.
+    ``param_names`` (``optimizer_param_names``) are kept in the rest, so the state can be matched by name."""
     tensors, scalars = {}, {}
     for pid, entry in state["state"].items():
         for key, value in entry.items():
@@ -51,7 +59,10 @@ def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{pid}.{key}"] = value
             else:
                 scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    rest = {"param_groups": state["param_groups"], "scalars": scalars}
+    if param_names is not None:
+        rest["param_names"] = list(param_names)
+    return tensors, rest
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
@@ -238,3 +249,113 @@ def load_checkpoint(path: str, required: tuple[str, ...] = ()) -> tuple[dict, di
     tensors = {name[: -len(".safetensors")]: load_safetensors(os.path.join(path, name))
                for name in manifest["files"] if "/" not in name and name.endswith(".safetensors")}
     return manifest, tensors
+
+
+# ---- optimizer state by parameter name --------------------------------------------------------------
+def optimizer_param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The names of ``opt``'s parameters in the order its state dict numbers them (group by group)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if id(p) not in name_of:
+                raise CheckpointError(f"the optimizer holds a parameter of shape {list(p.shape)} that is not "
+                                      f"one of the {type(model).__name__}'s")
+            names.append(name_of[id(p)])
+    return names
+
+
+def _check_moments(where: str, entry: dict, name: str, shape: torch.Size, position: str = "") -> None:
+    for key, value in entry.items():
+        if torch.is_tensor(value) and value.dim() and value.shape != shape:
+            raise CheckpointError(f"{where}: the optimizer's {key} for parameter {name!r}{position} has shape "
+                                  f"{list(value.shape)}, the parameter has {list(shape)}")
+
+
+def _check_by_position(where: str, state: dict, names: list[str], shapes: dict[str, torch.Size]) -> None:
+    """``names[k]`` is the parameter numbered k: count and every moment's shape must fit."""
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if len(ids) != len(names):
+        raise CheckpointError(f"{where}: the optimizer state covers {len(ids)} parameters, not {len(names)}")
+    for k, (i, name) in enumerate(zip(ids, names)):
+        _check_moments(where, state["state"].get(i, {}), name, shapes[name], f" (#{k} in order)")
+
+
+def match_optimizer_state(state: dict, saved_names: list[str] | None, model: torch.nn.Module,
+                          opt: torch.optim.Optimizer, where: str = "checkpoint") -> dict:
+    """The optimizer state dict ``state`` (read from a checkpoint) renumbered for ``opt``, so that
+    ``opt.load_state_dict`` gives each parameter its own moments whatever order the model registers its
+    modules in. ``saved_names``: the parameter names in the saved numbering (``param_names``).
+
+    Checkpoints written before the names were recorded: their model tensors cannot tell the old order
+    (safetensors stores tensors sorted by dtype and name), so the saved numbering is taken as today's
+    when every saved moment has the shape of today's parameter at its position, as ``load_state_dict``
+    always assumed; otherwise ``record_param_names`` can add the names. Every mismatch raises
+    ``CheckpointError`` naming the parameter."""
+    current = optimizer_param_names(model, opt)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    saved_groups = state["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise CheckpointError(f"{where}: the optimizer state has {len(saved_groups)} parameter group(s), "
+                              f"this optimizer {len(opt.param_groups)}")
+    if saved_names is None:  # an older checkpoint: positions only, checked by shape
+        try:
+            _check_by_position(where, state, current, shapes)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}. The checkpoint predates recorded parameter names, and this model registers its parameters "
+                "in another order than the code that wrote it: add their names in that order with "
+                "starflow.train.checkpoint.record_param_names(<checkpoint>, <names>), where <names> is "
+                "[n for n, _ in model.named_parameters()] for a model built by that code") from None
+        return state
+    saved_ids = [i for group in saved_groups for i in group["params"]]
+    if len(saved_names) != len(saved_ids) or len(set(saved_names)) != len(saved_names):
+        raise CheckpointError(f"{where}: its {len(saved_names)} param_names do not number the optimizer's "
+                              f"{len(saved_ids)} parameters one each")
+    name_of_saved = dict(zip(saved_ids, saved_names))
+    position = {name: k for k, name in enumerate(current)}
+    groups, first = [], 0
+    for g, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        names = current[first: first + len(group["params"])]
+        first += len(group["params"])
+        was = {name_of_saved[i] for i in saved["params"]}
+        missing, extra = [n for n in names if n not in was], sorted(was - set(names))
+        if missing:
+            raise CheckpointError(f"{where}: the model's parameter {missing[0]!r} has no optimizer state in "
+                                  f"parameter group {g} of the checkpoint")
+        if extra:
+            raise CheckpointError(f"{where}: the checkpoint's optimizer holds parameter {extra[0]!r}, which is not "
+                                  f"in parameter group {g} of this model's optimizer")
+        groups.append({**saved, "params": [position[name] for name in names]})
+    renumbered = {}
+    for i, entry in state["state"].items():
+        name = name_of_saved[i]
+        _check_moments(where, entry, name, shapes[name])
+        renumbered[position[name]] = entry
+    return {"state": renumbered, "param_groups": groups}
+
+
+def record_param_names(path: str, names: list[str]) -> dict:
+    """Write the parameter names into an older full checkpoint's manifest, so that a model registering its
+    modules in another order can resume from it. ``names``: the model's parameter names in the order the
+    code that wrote the checkpoint registered them (its ``named_parameters()``, the optimizer's numbering).
+    Checked against the checkpoint itself: every name is one of its model's tensors and every optimizer
+    moment has that tensor's shape. Returns the new manifest."""
+    manifest, tensors = load_checkpoint(path, FULL_STEMS)
+    rest = manifest.get("optimizer")
+    if manifest.get("format", "full") != "full" or not isinstance(rest, dict):
+        raise CheckpointError(f"{path}: not a full checkpoint with optimizer state")
+    names = list(names)
+    unknown = [n for n in names if n not in tensors["model"]]
+    if unknown or len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: {unknown[0]!r} is not one of the checkpoint's parameters" if unknown
+                              else f"{path}: a parameter name is listed twice")
+    state = unflatten_optimizer(tensors["optimizer"], rest)
+    _check_by_position(path, state, names, {n: tensors["model"][n].shape for n in names})
+    if rest.get("param_names") not in (None, names):
+        raise CheckpointError(f"{path}: already records other parameter names")
+    manifest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    manifest["optimizer"] = {**rest, "param_names": names}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    atomic_write_bytes(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest

@@ -159,7 +159,8 @@ class Trainer(BatchMixin, ExportMixin):
         else:
             path = None
             if self.is_main:
-                opt_tensors, opt_rest = ckpt.flatten_optimizer(self.opt.state_dict())
+                opt_tensors, opt_rest = ckpt.flatten_optimizer(self.opt.state_dict(),
+                                                               ckpt.optimizer_param_names(self.model, self.opt))
                 path = ckpt.save_checkpoint(self.ckpt_dir, self.step,
                                             {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                                              "optimizer": opt_tensors},
@@ -183,7 +184,9 @@ class Trainer(BatchMixin, ExportMixin):
                                  "train.distributed: fsdp (any world size)")
             self.model.load_state_dict(tensors["model"])
             self.ema.load_state_dict(tensors["ema"])
-            self.opt.load_state_dict(ckpt.unflatten_optimizer(tensors["optimizer"], manifest["optimizer"]))
+            opt_state = ckpt.unflatten_optimizer(tensors["optimizer"], manifest["optimizer"])
+            self.opt.load_state_dict(ckpt.match_optimizer_state(  # by name: the module order may have changed
+                opt_state, manifest["optimizer"].get("param_names"), self.model, self.opt, path))
         self.step = manifest["step"]
         self.lr_scale = manifest.get("lr_scale", 1.0)
         self._last_saved = self.step
