@@ -2,10 +2,13 @@
 
     python benchmarks/shapes_eval.py                         # 300 test prompts (50 per category), w = 2
     python benchmarks/shapes_eval.py --guidance 0,1,2,3 --num-prompts 240
+    python benchmarks/shapes_eval.py --guidance default --prompt "two red circles above a blue square" --prompt-images 8
 
 Prompts are the captions of the first N scenes of the shapes *test* split (categories cycle, so every
 category gets N/6); each prompt is scored against its own structured spec, from the generated image
-alone. Also prints FD-EffNetLite0 against the real test scenes (same n).
+alone. Also prints FD-EffNetLite0 against the real test scenes rendered at the model's image size (same n).
+``--prompt`` also scores one free prompt (the README's set-up prompt) on ``--prompt-images`` images.
+``--guidance default`` uses the model's stored sampling defaults (model_index.json).
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_TEXT_MODEL)
     p.add_argument("--num-prompts", type=int, default=300)
-    p.add_argument("--guidance", default="2", help="one weight or a comma-separated list")
+    p.add_argument("--guidance", default="2", help="one weight, a comma-separated list, or 'default'")
+    p.add_argument("--prompt", default=None, help="also score this prompt (caption grammar) on --prompt-images images")
+    p.add_argument("--prompt-images", type=int, default=8)
     p.add_argument("--guidance-rule", default="starflow")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=50)
@@ -42,12 +47,18 @@ def main(argv=None):
     from starflow.pipeline import StarflowPipeline
 
     pipe = StarflowPipeline.from_pretrained(args.checkpoint, device=args.device)
-    test = ShapesDataset("test", size=args.num_prompts)
+    side = pipe.image_shape[-1]
+    test = ShapesDataset("test", size=args.num_prompts, image_size=side)
     extractor = get_extractor("effnetlite0", device=args.device)
-    ref, _ = reference_stats("shapes", "test", extractor, images=test.images(), n=args.num_prompts)
+    ref, _ = reference_stats("shapes" if side == 32 else f"shapes{side}", "test", extractor, images=test.images(),
+                             n=args.num_prompts)
     out = {"checkpoint": args.checkpoint, "n": args.num_prompts, "rule": args.guidance_rule,
            "temperature": args.temperature, "runs": []}
-    for w in [float(v) for v in args.guidance.split(",")]:
+    defaults = pipe.sampling_defaults
+    weights = [defaults.get("guidance", 0.0)] if args.guidance == "default" else [float(v) for v in args.guidance.split(",")]
+    if args.guidance == "default":
+        args.temperature = defaults.get("temperature", args.temperature)
+    for w in weights:
         t0 = time.time()
         chunks = []
         for i in range(0, args.num_prompts, args.batch_size):
@@ -66,6 +77,16 @@ def main(argv=None):
                             "categories": {c: v["accuracy"] for c, v in table["categories"].items()}})
         if args.grid and len(out["runs"]) == 1:
             save_images(images[:16], args.grid, nrow=4)
+    if args.prompt:
+        w = defaults.get("guidance", 0.0)
+        chosen = {k: defaults[k] for k in ("guidance", "temperature", "guidance_rule") if k in defaults}
+        imgs = to_uint8(pipe.sample(args.prompt_images, prompt=[args.prompt] * args.prompt_images, device=args.device,
+                                    generator=torch.Generator(args.device).manual_seed(0), **chosen).cpu())
+        passed = [shapes_eval.score(im.permute(1, 2, 0).numpy(), args.prompt)["passed"] for im in imgs]
+        print(f"\nprompt {args.prompt!r} at the model's defaults ({defaults}): {sum(passed)}/{len(passed)} correct")
+        out["prompt"] = {"prompt": args.prompt, "defaults": defaults, "guidance": w, "passed": passed}
+        if args.grid:
+            save_images(imgs, os.path.splitext(args.grid)[0] + "_prompt.png", nrow=4)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
