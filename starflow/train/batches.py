@@ -7,6 +7,8 @@ Condition dropout is drawn here and nowhere else for every model family: the los
 gets a ``Condition`` whose ``drop`` rows already read the null and draws nothing itself."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from starflow.data.spaces import add_dequantization_noise
@@ -27,10 +29,13 @@ class BatchMixin:
 
     def _draws_cond_drop(self) -> bool:
         """Whether the trainer draws a condition-dropout mask: a conditional model (class labels or text)
-        with ``cond_drop_prob > 0``, whatever its family."""
+        with ``cond_drop_prob > 0`` whose ``loss`` reads a ``Condition`` (``cond=``), whatever its family.
+        A bare ``loss(x, y)`` gets its labels and no mask."""
         c = self.model.config
         conditional = getattr(c, "num_classes", 0) or getattr(c, "cond_dim", 0)
-        return bool(conditional) and getattr(c, "cond_drop_prob", 0) > 0
+        if not (conditional and getattr(c, "cond_drop_prob", 0) > 0):
+            return False
+        return "cond" in inspect.signature(self.model_class.loss).parameters
 
     def loss_condition(self, y: torch.Tensor, drop: torch.Tensor | None) -> dict:
         """Keyword arguments of ``model.loss`` for labels ``y``: ``condition_fn``'s, with the legacy

@@ -36,7 +36,6 @@ from dataclasses import asdict
 
 import torch
 
-from starflow.flow.condition import Condition
 from starflow.train.config import TrainConfig
 from starflow.errors import TrainingError, as_output_error, check_output_dir
 from starflow.train import checkpoint as ckpt
@@ -136,7 +135,7 @@ class Trainer(BatchMixin, ExportMixin):
         return self.dist.is_main
 
     def _default_condition(self, y: torch.Tensor) -> dict:
-        return {"cond": Condition(labels=y)} if getattr(self.model.config, "num_classes", 0) else {}
+        return {"y": y} if getattr(self.model.config, "num_classes", 0) else {}
 
     def _default_preview(self) -> dict:
         k = getattr(self.model.config, "num_classes", 0)
