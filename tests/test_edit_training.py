@@ -10,6 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import perturbed
+from starflow import FlowConfig, STARFlow
 from starflow.cli import main
 from starflow.data.edits import EditDataset, EditPairs
 from starflow.data.latents import encode_images
@@ -113,3 +115,25 @@ def test_edit_data_needs_an_edit_model_and_a_text_encoder(change, message):
     run = load_run_config(RECIPE, overrides)
     with pytest.raises(ConfigError, match=message):
         build_trainer(run)
+
+
+def test_init_from_starts_an_edit_model_from_a_text_to_image_flow(tmp_path):
+    """train.init_from: every weight of a saved text-to-image STARFlow, the edit model's source projection at
+    zero; a model of another architecture is refused with the fields that differ."""
+    overrides = {"train.dataset_size": 8, "train.batch_size": 8, "train.device": "cpu", "model.width": 32,
+                 "model.deep_layers": 1, "model.num_blocks": 2}
+    run = load_run_config(RECIPE, overrides)
+    fields = {k: getattr(run.model, k) for k in ("in_channels", "image_size", "patch_size", "width", "head_dim",
+                                                 "num_blocks", "layers_per_block", "deep_layers", "cond_dim",
+                                                 "max_text_tokens", "cond_drop_prob")}
+    base = perturbed(STARFlow(FlowConfig(**fields)), 0.02)
+    base.save_pretrained(str(tmp_path / "t2i"))
+    model = build_trainer(load_run_config(RECIPE, {**overrides, "train.init_from": str(tmp_path / "t2i")})).model
+    weights = model.state_dict()
+    for k, v in base.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    new = [k for k in weights if k not in base.state_dict()]
+    assert new and all("source_" in k for k in new)
+    assert not model.blocks[-1].source_proj.weight.any() and not model.blocks[-1].source_proj.bias.any()
+    with pytest.raises(ConfigError, match="width 32 there, 64 here"):
+        build_trainer(load_run_config(RECIPE, {**overrides, "model.width": 64, "train.init_from": str(tmp_path / "t2i")}))

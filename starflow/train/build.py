@@ -7,7 +7,7 @@ Edit data (``shapes-edit``) adds the source image of every example: put in the m
 ``starflow edit`` loads."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -55,6 +55,8 @@ def build_trainer(run: RunConfig) -> Trainer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tcfg.seed)
         model = model_class(run.model_type)(mcfg)
+    if tcfg.init_from:
+        _start_from(model, tcfg.init_from)
     sources = _edit_sources(base, model, autoencoder, tcfg)
     condition_fn = preview = text_encoder = None
     if tcfg.text_encoder:
@@ -113,3 +115,25 @@ def _edit_sources(base, model, autoencoder, tcfg) -> torch.Tensor | None:
 
     return LatentDataset(autoencoder, base.source_images(), f"{tcfg.dataset}-{tcfg.dataset_size}-sources",
                          "train").latents
+
+
+def _start_from(model, path: str) -> None:
+    """Load the weights of the model saved in ``path`` (a model or pipeline folder, or a shipped name) into
+    ``model``: a fine-tune. The architectures must match field for field (the training noise and the edit
+    flag aside). An edit model started from a plain STARFlow gets every weight and a zero source
+    projection (``EditSTARFlow.from_base``, the paper's fine-tuning recipe)."""
+    from starflow.pipeline import StarflowPipeline  # lazy: only the components a recipe uses are imported
+
+    start = StarflowPipeline.from_pretrained(path).model
+    ours, theirs = asdict(model.config), asdict(start.config)
+    differ = [k for k in sorted(set(ours) | set(theirs))
+              if k not in ("noise_std", "source_prefix") and ours.get(k) != theirs.get(k)]
+    if differ:
+        listing = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])
+        raise ConfigError(f"train.init_from: the model in {path} does not match the recipe's model ({listing})")
+    if type(start) is not type(model):
+        if not (hasattr(type(model), "from_base") and getattr(model.config, "source_prefix", False)):
+            raise ConfigError(f"train.init_from: {path} holds a {start.model_type!r} model, the recipe trains "
+                              f"{model.model_type!r}")
+        start = type(model).from_base(start)
+    model.load_state_dict(start.state_dict())

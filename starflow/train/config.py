@@ -21,6 +21,7 @@ class TrainConfig:
     autoencoder: str | None = None    # latent training: a shipped name (mnist, shapes) or a diffusers VAE folder
     decoder: str | None = None        # autoencoder to ship for decoding (e.g. mnist_ft, a fine-tuned decoder)
     text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
+    init_from: str | None = None      # fine-tune: a saved model or pipeline folder (or shipped name) whose weights start the run
     out_dir: str = "runs/mnist"
     steps: int = 2000
     batch_size: int = 64              # the global batch: split over ranks and accumulation micro-steps
@@ -52,7 +53,7 @@ class TrainConfig:
         for name in ("dataset", "out_dir", "precision", "device", "distributed"):
             value = getattr(self, name)
             require(value.strip() != "", name, f"must be a non-empty string, got {value!r}")
-        for name in ("autoencoder", "decoder", "text_encoder"):
+        for name in ("autoencoder", "decoder", "text_encoder", "init_from"):
             value = getattr(self, name)
             require(value is None or value.strip() != "", name, f"must be a non-empty string or null, got {value!r}")
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "ema_decay", "noise_std"):
