@@ -1,6 +1,6 @@
 """Datasets by name, in one place: ``build_dataset`` for the flow trainer and the evaluations (``mnist``,
-``digits``, ``shapes``, ``shapes-edit``, ``folder:PATH``) and ``load_named_dataset`` for the autoencoder tools and latent
-caches, which read ``shapes[:N]`` as the raw scenes (captions as labels) instead."""
+``digits``, ``shapes``, ``shapes-edit``, ``folder:PATH``) and ``load_named_dataset`` for the autoencoder
+tools and latent caches, which read ``shapes[:N]`` as the raw scenes (captions as labels) instead."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset

@@ -189,7 +189,7 @@ class RectifiedFlowConfig:
     num_classes: int = 0  # 0 = not class-conditional
     cond_dim: int = 0  # text-state width, 0 = not text-conditional
     pooled_dim: int = 0  # pooled text vector width, 0 = pool the states (masked mean)
-    cond_drop_prob: float = 0.1  # condition -> learned null during training (enables CFG; the trainer draws the mask)
+    cond_drop_prob: float = 0.1  # condition -> learned null in training (enables CFG); the trainer draws the mask
     num_class_tokens: int = 1
     width: int = 256
     depth: int = 6

@@ -3,8 +3,9 @@ per-example randomness (dequantisation noise, noise augmentation, condition drop
 global batch and sliced per rank, so every world size sees the same numbers for row j, and the
 ``Condition`` each micro-batch's loss reads, with the dropout mask on it.
 
-Condition dropout is drawn here and nowhere else for every model family: the loss of a flow or a peer
-gets a ``Condition`` whose ``drop`` rows already read the null and draws nothing itself."""
+Condition dropout of training is drawn here, for every model family: the loss of a flow or a peer gets
+a ``Condition`` whose ``drop`` rows already read the null, and draws no mask itself (the peers never do;
+STARFlow only for a direct caller that gives no mask)."""
 from __future__ import annotations
 
 import inspect

@@ -17,11 +17,11 @@ class TrainConfig:
     dataset: str = "mnist"            # mnist | digits | shapes | shapes-edit | folder:PATH
     image_size: int | None = None     # folder and shapes datasets
     channels: int = 1                 # folder datasets only
-    dataset_size: int = 10000         # shapes: generated training scenes; shapes-edit: (source, instruction, target) triples
+    dataset_size: int = 10000         # generated examples: shapes scenes, or shapes-edit triples
     autoencoder: str | None = None    # latent training: a shipped name (mnist, shapes) or a diffusers VAE folder
     decoder: str | None = None        # autoencoder to ship for decoding (e.g. mnist_ft, a fine-tuned decoder)
     text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
-    init_from: str | None = None      # fine-tune: a saved model or pipeline folder (or shipped name) whose weights start the run
+    init_from: str | None = None      # fine-tune: the saved model (folder or shipped name) whose weights start the run
     out_dir: str = "runs/mnist"
     steps: int = 2000
     batch_size: int = 64              # the global batch: split over ranks and accumulation micro-steps
