@@ -1,7 +1,6 @@
 """Instruction editing: the (source, instruction, target) generator is consistent (checked on the specs and
 with ShapesEval's detector on the rendered images), the scorer, and the source-prefix edit model."""
 import json
-import os
 import zlib
 from collections import Counter
 from dataclasses import replace
@@ -13,7 +12,7 @@ from conftest import perturbed
 from starflow import FlowConfig, STARFlow
 from starflow.data.shapes import Claim, ObjectSpec, Requirement, SceneSpec, render_spec
 from starflow.tasks.editing import (DIRECTIONS, EDIT_KINDS, MOVE_PX, EditDataset, EditPipeline, EditSTARFlow, Instruction,
-                              apply_instruction, build_edit_trainer, infer_edit, parse_instruction, score_edit)
+                              apply_instruction, infer_edit, parse_instruction, score_edit)
 from starflow.components.text_encoder import TextEmbedding
 
 
@@ -197,28 +196,6 @@ def test_edit_model_is_exact_reads_the_source_and_loads(tmp_path):
     again = EditSTARFlow.from_pretrained(str(tmp_path / "m")).eval()
     assert torch.equal(again(x, text=text, source=src)[0], z)
     assert json.load(open(tmp_path / "m" / "config.json"))["model_type"] == "starflow-edit"
-
-
-def test_edit_pipeline_and_training_with_the_project_trainer(tmp_path):
-    from starflow.train.config import TrainConfig
-
-    torch.manual_seed(0)
-    data = EditDataset("train", size=16, image_size=8)
-    model = EditSTARFlow(_cfg())
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=40, batch_size=8, lr=3e-3, warmup_steps=2, log_every=5,
-                      ckpt_every=40, sample_every=40, ema_decay=0.0, device="cpu", noise_std=0.05)
-    trainer = build_edit_trainer(model, data, cfg, StubText())
-    out = trainer.train()
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "log.jsonl") if '"loss"' in line]
-    assert len(losses) >= 4 and losses[-1] < losses[0] - 0.2
-    assert os.path.exists(os.path.join(out, "model_index.json"))
-    loaded = EditSTARFlow.from_pretrained(os.path.join(out, "model"))
-    pipe = EditPipeline(loaded.eval(), text_encoder=StubText(), noise_std=0.05)
-    src = torch.stack([data[i][0] for i in range(3)])
-    edited = pipe.edit(src, data.instructions[:3], guidance=1.0, generator=torch.Generator().manual_seed(0))
-    assert edited.shape == src.shape and edited.dtype == torch.uint8
-    with pytest.raises(ValueError, match="empty instruction"):
-        pipe.edit(src[:1], [" "])
 
 
 def test_edit_cli(tmp_path, monkeypatch, capsys):

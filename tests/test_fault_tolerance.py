@@ -181,7 +181,7 @@ BAD = {
     "seed": [-1, 2**40, 0.5], "log_every": [0], "ckpt_every": [0, -3], "sample_every": [0], "keep_last": [0],
     "num_workers": [-1, 1.5], "precision": ["fp16", "", 16], "device": ["gpu", "", 0],
     "max_nonfinite_in_a_row": [0], "max_rollbacks": [0, -1, 1.5], "distributed": ["deepspeed", ""], "grad_accum_steps": [0, 3, 1.5],
-    "grad_checkpointing": ["yes", 1], "ddp_find_unused_parameters": ["no", 0],
+    "grad_checkpointing": ["yes", 1], "ddp_find_unused_parameters": ["no", 0], "init_from": ["", " ", 3],
 }
 
 

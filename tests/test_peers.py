@@ -372,3 +372,29 @@ def test_interface_shapes_autocast_and_errors(kind):
         uncond.sample(2, guidance=1.0, steps=1)
     with pytest.raises(ValueError, match=r"class labels must lie"):
         make(kind, num_classes=3).loss(x, y=torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("kind", ["rf", "ar"])
+def test_condition_dropout_comes_from_the_trainer_not_the_loss(kind, tmp_path):
+    """The trainer draws the peers' dropout mask for the global batch and hands it on the Condition; a
+    peer's loss draws none of its own (training mode and eval mode give the same loss for a seed)."""
+    from starflow.data import DigitsDataset
+    from starflow.flow.condition import Condition
+    from starflow.train.config import TrainConfig
+    from starflow.train.trainer import Trainer
+
+    cfg = {**(TINY_RF if kind == "rf" else TINY_AR), "in_channels": 1, "num_classes": 10, "cond_drop_prob": 0.5}
+    model = RectifiedFlow(RectifiedFlowConfig(**cfg)) if kind == "rf" else FlowAR(FlowARConfig(**cfg))
+    randomize_zero_params(model)
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.train().loss(x, y, generator=g()), model.eval().loss(x, y, generator=g()))
+    dropped = Condition(labels=y).with_drop(torch.tensor([True, False] * 3))
+    assert not torch.equal(model.loss(x, cond=dropped, generator=g()), model.loss(x, y, generator=g()))
+    trainer = Trainer(model, DigitsDataset("digits", "train"),
+                      TrainConfig(dataset="digits", out_dir=str(tmp_path), steps=1, batch_size=64, device="cpu"))
+    torch.manual_seed(0)
+    (_, labels, drop), = trainer.get_batch(0)
+    assert drop is not None and drop.shape == (64,) and 0 < int(drop.sum()) < 64  # p = 0.5 over 64 rows
+    cond = trainer.loss_condition(labels, drop)["cond"]
+    assert torch.equal(cond.labels, labels) and torch.equal(cond.drop, drop)

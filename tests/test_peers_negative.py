@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from starflow.cli import main
+from starflow.flow.condition import Condition
 from starflow.peers import FlowAR, FlowARConfig, RectifiedFlow, RectifiedFlowConfig
 
 
@@ -74,9 +75,14 @@ def test_training_drops_to_the_negative_when_given(kind):
     model = make(kind, cond_dim=6, cond_drop_prob=0.5).train()
     x = torch.randn(8, 2, 4, 4)
     text, negative = prompt(8, 3, seed=1), prompt(1, 2, seed=2)
-    with_negative = model.loss(x, text=text, generator=torch.Generator().manual_seed(5), negative=negative)
-    with_null = model.loss(x, text=text, generator=torch.Generator().manual_seed(5))
+    # the dropout mask comes on the condition, as the trainer draws it; the loss draws none itself
+    cond = Condition.from_args(text=text).with_drop(torch.tensor([True, False] * 4))
+    with_negative = model.loss(x, cond=cond, generator=torch.Generator().manual_seed(5), negative=negative)
+    with_null = model.loss(x, cond=cond, generator=torch.Generator().manual_seed(5))
     assert (with_negative - with_null).abs() > 1e-6
+    # without a mask nothing is dropped, so the negative is never read
+    kept = model.loss(x, text=text, generator=torch.Generator().manual_seed(5), negative=negative)
+    assert torch.equal(kept, model.loss(x, text=text, generator=torch.Generator().manual_seed(5)))
 
 
 def test_negative_needs_a_text_conditional_model():

@@ -10,12 +10,13 @@ import argparse
 import yaml
 
 from starflow.cli.common import add_command, add_device_arg, add_threads_arg, apply_threads
+from starflow.models import model_types
 
 
 def add_parser(sub, name):
     p = add_command(sub, name, "train a model from a YAML recipe", description=__doc__)
     p.add_argument("--config", required=True, help="YAML recipe with 'model' and 'train' sections")
-    p.add_argument("--model", choices=["starflow", "rectified-flow", "flowar"],
+    p.add_argument("--model", choices=model_types(),
                    help="model family; overrides the recipe's model_type (its 'model' fields must fit that family)")
     p.add_argument("--out-dir", help="overrides train.out_dir")
     p.add_argument("--steps", type=int, help="overrides train.steps")

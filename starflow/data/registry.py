@@ -1,12 +1,13 @@
 """Datasets by name, in one place: ``build_dataset`` for the flow trainer and the evaluations (``mnist``,
-``digits``, ``shapes``, ``folder:PATH``) and ``load_named_dataset`` for the autoencoder tools and latent
-caches, which read ``shapes[:N]`` as the raw scenes (captions as labels) instead."""
+``digits``, ``shapes``, ``shapes-edit``, ``folder:PATH``) and ``load_named_dataset`` for the autoencoder
+tools and latent caches, which read ``shapes[:N]`` as the raw scenes (captions as labels) instead."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset
 
 from starflow.data.captioned import CaptionedImages
 from starflow.data.digits import DigitsDataset
+from starflow.data.edits import EditDataset, EditPairs
 from starflow.data.folder import ImageFolderDataset
 from starflow.data.shapes import ShapesDataset
 
@@ -18,11 +19,14 @@ def build_dataset(name: str, split: str = "train", image_size: int | None = None
     if name == "shapes":
         scenes = ShapesDataset(split, size=size, image_size=image_size or 32)
         return CaptionedImages(scenes.images(), scenes.captions)
+    if name == "shapes-edit":  # (source, instruction, target) triples of shapes scenes
+        return EditPairs(EditDataset(split, size=size, image_size=image_size or 32))
     if name.startswith("folder:"):
         if image_size is None:
             raise ValueError("a folder dataset needs image_size")
         return ImageFolderDataset(name[len("folder:"):], image_size, channels)
-    raise ValueError(f"unknown dataset {name!r}; expected 'mnist', 'digits', 'shapes' or 'folder:PATH'")
+    raise ValueError(f"unknown dataset {name!r}; expected 'mnist', 'digits', 'shapes', 'shapes-edit' or "
+                     "'folder:PATH'")
 
 
 def load_named_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3):

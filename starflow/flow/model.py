@@ -242,13 +242,15 @@ class STARFlow(nn.Module, PretrainedMixin):
         """Training loss: mean NLL (nats/dim), with the condition dropped to the null at cond_drop_prob.
 
         The trainer draws the dropout mask for the whole global batch and hands each data-parallel rank
-        its slice as ``cond_drop`` ([B] bool, True = use the null condition); only a direct caller that
-        gives none gets the draw here. The source prefix of an edit model is never dropped."""
+        its slice on the condition (``cond.drop``; or as ``cond_drop``, [B] bool, True = use the null
+        condition); only a direct caller that gives no mask at all gets the draw here. The source prefix
+        of an edit model is never dropped."""
+        given = cond_drop is not None or (cond is not None and cond.drop is not None)
         cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         if cond_drop is not None and (cond_drop.ndim != 1 or cond_drop.shape[0] != x.shape[0]):
             raise ValueError(f"cond_drop must be a [{x.shape[0]}] bool mask, got shape {list(cond_drop.shape)}")
         if cond is not None and self.training and self.config.cond_drop_prob > 0:
-            if cond_drop is None:
+            if not given:
                 cond_drop = torch.rand(x.shape[0], device=x.device) < self.config.cond_drop_prob
             cond = cond.with_drop(cond_drop)
         return (-self.log_prob(x, cond=cond) / x[0].numel()).mean()

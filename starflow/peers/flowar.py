@@ -93,7 +93,7 @@ class FlowARConfig:
     num_classes: int = 0
     cond_dim: int = 0
     pooled_dim: int = 0
-    cond_drop_prob: float = 0.1
+    cond_drop_prob: float = 0.1  # condition -> learned null during training (the trainer draws the mask)
     num_class_tokens: int = 1
     # Defaults sized to match RectifiedFlowConfig's defaults within ~2% of parameters
     # (13.4M vs 13.6M for 4x8x8 latents), so a default comparison is at equal size.
@@ -293,21 +293,18 @@ class FlowAR(nn.Module, PretrainedMixin):
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, text=None, *,
              generator: torch.Generator | None = None, return_per_scale: bool = False, negative=None,
              cond=None):
-        """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. In training mode the
-        condition is dropped with prob cond_drop_prob, to the learned null or to `negative` (a text
-        triple, e.g. the encoded empty prompt) when given."""
+        """Scale-weighted flow-matching loss, teacher-forced on the true pyramid. Condition dropout is
+        already drawn: the rows of `cond.drop` (the trainer's mask, at cond_drop_prob for the global
+        batch) read the learned null, or `negative` (a text triple, e.g. the encoded empty prompt) when
+        given; the loss draws none."""
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"x must be [B, {c.in_channels}, {c.image_size}, {c.image_size}], got {tuple(x.shape)}")
         given_drop = None if cond is None else cond.drop
         y, text, negative = condition_args(y, text, negative, cond)
         b = x.shape[0]
-        drop = None
-        if given_drop is not None:  # drawn by the caller (the trainer, for the global batch)
-            drop = given_drop.to(device=x.device, dtype=torch.bool)
-        elif self.training and c.cond_drop_prob > 0 and self.condition.conditional:
-            gen_device = generator.device if generator is not None else x.device
-            drop = (torch.rand(b, generator=generator, device=gen_device) < c.cond_drop_prob).to(x.device)
+        # the dropout mask comes with the condition (the trainer draws it for the global batch)
+        drop = None if given_drop is None else given_drop.to(device=x.device, dtype=torch.bool)
         cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         pyr = self.pyramid(x)
         sems = self.semantics(cond, [None] + [self.upsample(pyr[i - 1], i) for i in range(1, len(pyr))])

@@ -189,7 +189,7 @@ class RectifiedFlowConfig:
     num_classes: int = 0  # 0 = not class-conditional
     cond_dim: int = 0  # text-state width, 0 = not text-conditional
     pooled_dim: int = 0  # pooled text vector width, 0 = pool the states (masked mean)
-    cond_drop_prob: float = 0.1  # condition -> learned null during training (enables CFG)
+    cond_drop_prob: float = 0.1  # condition -> learned null in training (enables CFG); the trainer draws the mask
     num_class_tokens: int = 1
     width: int = 256
     depth: int = 6
@@ -278,9 +278,9 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
              t: torch.Tensor | None = None, generator: torch.Generator | None = None, negative=None,
              cond=None) -> torch.Tensor:
         """Mean squared velocity error. `noise` / `t` may be passed to make the loss deterministic
-        (t is then used as given, unshifted). The condition is dropped with prob cond_drop_prob in
-        training mode only, to the learned null or to `negative` (a text triple, e.g. the encoded
-        empty prompt) when given."""
+        (t is then used as given, unshifted). Condition dropout is already drawn: the rows of
+        `cond.drop` (the trainer's mask, at cond_drop_prob for the global batch) read the learned null,
+        or `negative` (a text triple, e.g. the encoded empty prompt) when given; the loss draws none."""
         self._check_images(x)
         given_drop = None if cond is None else cond.drop
         y, text, negative = condition_args(y, text, negative, cond)
@@ -290,12 +290,8 @@ class RectifiedFlow(nn.Module, PretrainedMixin):
         t = t.to(x.device)
         if noise is None:
             noise = randn(x.shape, generator, x.device)
-        drop = None
-        if given_drop is not None:  # drawn by the caller (the trainer, for the global batch)
-            drop = given_drop.to(device=x.device, dtype=torch.bool)
-        elif self.training and self.config.cond_drop_prob > 0 and self.condition.conditional:
-            gen_device = generator.device if generator is not None else x.device
-            drop = (torch.rand(b, generator=generator, device=gen_device) < self.config.cond_drop_prob).to(x.device)
+        # the dropout mask comes with the condition (the trainer draws it for the global batch)
+        drop = None if given_drop is None else given_drop.to(device=x.device, dtype=torch.bool)
         cond = self.condition.dropped(b, y, text, drop, negative, device=x.device)
         z_t = interpolate(x, noise, t)
         pred = self.velocity(z_t, t, cond)

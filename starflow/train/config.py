@@ -14,13 +14,14 @@ from starflow.schema import check_types, is_number, require
 
 @dataclass
 class TrainConfig:
-    dataset: str = "mnist"            # mnist | digits | shapes | folder:PATH
+    dataset: str = "mnist"            # mnist | digits | shapes | shapes-edit | folder:PATH
     image_size: int | None = None     # folder and shapes datasets
     channels: int = 1                 # folder datasets only
-    dataset_size: int = 10000         # shapes: number of generated training scenes
+    dataset_size: int = 10000         # generated examples: shapes scenes, or shapes-edit triples
     autoencoder: str | None = None    # latent training: a shipped name (mnist, shapes) or a diffusers VAE folder
     decoder: str | None = None        # autoencoder to ship for decoding (e.g. mnist_ft, a fine-tuned decoder)
     text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
+    init_from: str | None = None      # fine-tune: the saved model (folder or shipped name) whose weights start the run
     out_dir: str = "runs/mnist"
     steps: int = 2000
     batch_size: int = 64              # the global batch: split over ranks and accumulation micro-steps
@@ -52,7 +53,7 @@ class TrainConfig:
         for name in ("dataset", "out_dir", "precision", "device", "distributed"):
             value = getattr(self, name)
             require(value.strip() != "", name, f"must be a non-empty string, got {value!r}")
-        for name in ("autoencoder", "decoder", "text_encoder"):
+        for name in ("autoencoder", "decoder", "text_encoder", "init_from"):
             value = getattr(self, name)
             require(value is None or value.strip() != "", name, f"must be a non-empty string or null, got {value!r}")
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "ema_decay", "noise_std"):
@@ -80,9 +81,9 @@ class TrainConfig:
         require(self.distributed in ("ddp", "fsdp"), "distributed", f"expected ddp|fsdp, got {self.distributed!r}")
         require(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
                f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}")
-        require(self.dataset in ("mnist", "digits", "shapes") or
+        require(self.dataset in ("mnist", "digits", "shapes", "shapes-edit") or
                (self.dataset.startswith("folder:") and len(self.dataset) > len("folder:")), "dataset",
-               f"expected mnist, digits, shapes or folder:PATH, got {self.dataset!r}")
+               f"expected mnist, digits, shapes, shapes-edit or folder:PATH, got {self.dataset!r}")
         require(not self.dataset.startswith("folder:") or self.image_size is not None, "image_size",
                "a folder dataset needs image_size")
         require(self.decoder is None or self.autoencoder is not None, "decoder", "needs train.autoencoder (latent training)")

@@ -6,10 +6,11 @@ and condition dropout whether or not the run was interrupted before it.
 
 Data parallel (``torchrun``, see docs/training_on_many_gpus.md): ``batch_size`` is the *global* batch.
 Every rank draws the randomness of the whole global batch (dequantisation noise, noise augmentation,
-the condition-dropout mask of models whose ``loss`` takes ``cond_drop``) from the same seed and keeps
-its slice, then splits its slice into ``grad_accum_steps`` micro-batches. The per-example randomness
-is therefore the same for any world size and accumulation, and so is the averaged gradient up to
-float summation order. Rank 0 alone logs, writes sample grids, checkpoints and exports.
+the condition-dropout mask of every conditional model, handed to its loss on the ``Condition``) from
+the same seed and keeps its slice, then splits its slice into ``grad_accum_steps`` micro-batches. The
+per-example randomness is therefore the same for any world size and accumulation, and so is the
+averaged gradient up to float summation order (the peers' timesteps and noise, which they draw
+themselves, excepted). Rank 0 alone logs, writes sample grids, checkpoints and exports.
 
 Fault handling: SIGTERM/SIGINT ask the loop to stop; all ranks agree on it at the next step, save a
 checkpoint of the step reached and raise ``TrainingInterrupted``. Checkpoints are atomic and
@@ -70,7 +71,8 @@ class TrainingInterrupted(Exception):
 
 
 def _rank_seed(seed: int, rank: int) -> int:
-    """Seed for randomness a model draws itself (peers): rank 0 keeps the run's seed, others get their own."""
+    """Seed for randomness a model draws itself (the peers' timesteps and noise): rank 0 keeps the run's
+    seed, others get their own."""
     return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
@@ -246,9 +248,7 @@ class Trainer(BatchMixin, ExportMixin):
         A = len(micro)
         total = torch.zeros((), device=self.device)
         for m, (x, y, drop) in enumerate(micro):
-            kwargs = self.condition_fn(y)
-            if drop is not None:
-                kwargs["cond_drop"] = drop
+            kwargs = self.loss_condition(y, drop)
             with dist_utils.set_gradient_sync(self.wrapped, m == A - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.wrapped(x, **kwargs)

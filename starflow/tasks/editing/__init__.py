@@ -1,5 +1,7 @@
-"""Instruction editing: an editing dataset made from shapes scenes, an edit
-model that reads the source image as an extra prefix of the deep block, its training, and automatic scoring.
+"""Instruction editing: an editing dataset made from shapes scenes (``starflow.data.edits``), an edit
+model that reads the source image as an extra prefix of the deep block, the pipeline that edits a user's
+image, and automatic scoring. Training is a recipe like any other: ``starflow train --config
+configs/shapes_edit.yaml`` (dataset ``shapes-edit``, model_type ``starflow-edit``).
 
 Dataset
 -------
@@ -38,17 +40,15 @@ dropped to the learned null with ``cond_drop_prob`` (classifier-free guidance on
 is never dropped. :meth:`EditSTARFlow.from_base` starts from a trained text-conditional STARFlow (all its
 weights; only the source projection is new), which is the paper's fine-tuning recipe.
 """
-from starflow.tasks.editing.data import (  # noqa: F401
-    DEFAULT_EDIT_MODEL, DIRECTIONS, EDIT_KINDS, EDIT_SPLIT_SEEDS, EDIT_TEST_SEED, EDIT_TRAIN_SEED,
-    EditDataset, EditExample, GRAMMAR, Instruction, MOVE_PX, SOURCE_CATEGORIES, TOL_PX,
+from starflow.data.edits import (  # noqa: F401
+    DIRECTIONS, EDIT_KINDS, EDIT_SPLIT_SEEDS, EDIT_TEST_SEED, EDIT_TRAIN_SEED,
+    EditDataset, EditExample, EditPairs, GRAMMAR, Instruction, MOVE_PX, SOURCE_CATEGORIES, TOL_PX,
     apply_instruction, describe, parse_instruction, sample_edit,
 )
+from starflow.io.shipped import DEFAULT_EDIT_MODEL  # noqa: F401
 from starflow.tasks.editing.scoring import (  # noqa: F401
     infer_edit, score_edit,
 )
 from starflow.tasks.editing.model import (  # noqa: F401
-    EditCondition, EditPipeline, EditSTARFlow, SourcePrefixBlock,
-)
-from starflow.tasks.editing.train import (  # noqa: F401
-    SCRATCH_CONFIG, build_edit_trainer, save_shipped, train_main,
+    EditCondition, EditPipeline, EditSTARFlow, SourcePrefixBlock, save_shipped,
 )

@@ -1,9 +1,11 @@
 """The pipeline that edits a user's image with an edit model (``starflow.flow.edit.EditSTARFlow``, re-exported
-here with the older editing names)."""
+here with the older editing names), and how a trained one is stored for shipping. Training goes through
+``starflow train`` (configs/shapes_edit.yaml), which exports an ``EditPipeline`` folder."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import torch
 
@@ -77,3 +79,18 @@ class EditPipeline(StarflowPipeline):
         if index.get("text_encoder"):
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
         return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"))
+
+
+def save_shipped(pipe: EditPipeline, directory: str, recipe: str = "") -> None:
+    """Write an edit pipeline for shipping: the flow and the autoencoder stored as float16 (loaded back as
+    float32), plus RECIPE.md with the command that trained it."""
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    pipe.save_pretrained(directory)
+    pipe.model.save_pretrained(os.path.join(directory, "model"), dtype=torch.float16)
+    if pipe.autoencoder is not None:
+        pipe.autoencoder.save_pretrained(os.path.join(directory, "autoencoder"), dtype=torch.float16)
+    with open(os.path.join(directory, "RECIPE.md"), "w") as f:
+        f.write("# starflow_edit: instruction-editing model (starflow.tasks.editing.EditSTARFlow)\n\n"
+                f"Trained with:\n\n    {recipe}\n\nWeights stored as float16. Scores: benchmarks/apps.py "
+                "section [3] (benchmarks/results/apps.txt).\n")

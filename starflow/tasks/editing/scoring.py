@@ -7,7 +7,7 @@ import numpy as np
 
 from starflow.data.shapes import (REFERENCE_SIZE)
 from starflow.evaluation.shapes_detect import as_float_image, detect_objects
-from starflow.tasks.editing.data import Instruction, MOVE_PX, TOL_PX, parse_instruction
+from starflow.data.edits import Instruction, MOVE_PX, TOL_PX, parse_instruction
 
 # ---------------------------------------------------------------------------------------------------
 # Scoring with the ShapesEval detector

@@ -1,4 +1,5 @@
-"""Editing data: instructions, applying one to a scene, and the (source, instruction, target) dataset."""
+"""Editing data: instructions, applying one to a scene, the (source, instruction, target) dataset, and its
+training view for the trainer (``EditPairs``: targets with example ids, captions and source images)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,7 @@ import torch
 
 from starflow.data.shapes import (COLOURS, MARGIN_PX, MIN_GAP_PX, REFERENCE_SIZE, SHAPES, SIZE_RADII_PX, Claim,
                                   ObjectSpec, Requirement, SceneSpec, _px, render_spec, sample_spec)
-from starflow.io.shipped import DEFAULT_EDIT_MODEL  # noqa: F401  (re-exported; the path lives in one place)
+from starflow.data.tensors import LabelledImages
 
 
 EDIT_KINDS: tuple[str, ...] = ("recolour", "remove", "add", "move")
@@ -262,3 +263,29 @@ class EditDataset(torch.utils.data.Dataset):
     @property
     def instructions(self) -> list[str]:
         return [e.text for e in self.examples]
+
+
+class EditPairs(LabelledImages):
+    """An ``EditDataset`` as the trainer reads it: ``images`` the targets (uint8), ``labels`` the example
+    ids, ``sources`` the source images (uint8, aligned with the targets), ``captions`` the unique
+    instructions (sorted) and ``caption_ids`` each example's row in them, so the text encoder runs once
+    per instruction. The trainer hands the example ids to its condition, which looks up both the
+    instruction and the source image of each row."""
+
+    def __init__(self, data: EditDataset):
+        pairs = [data[i] for i in range(len(data))]
+        if not pairs:
+            raise ValueError("an edit dataset needs at least one example")
+        self.sources = torch.stack([p[0] for p in pairs])
+        self.images = torch.stack([p[1] for p in pairs])
+        self.labels = torch.arange(len(pairs))
+        self.captions = sorted(set(data.instructions))
+        row = {c: i for i, c in enumerate(self.captions)}
+        self.caption_ids = torch.tensor([row[t] for t in data.instructions], dtype=torch.long)
+        self.instructions = data.instructions
+
+    def source_images(self) -> LabelledImages:
+        """The sources as a dataset of their own (same example ids), e.g. to encode and cache them."""
+        view = LabelledImages()
+        view.images, view.labels = self.sources, self.labels
+        return view
