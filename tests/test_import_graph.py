@@ -34,7 +34,7 @@ UNEXPLAINED_LAZY_BUDGET = 0
 #   which sit above the autoencoder (a latent dataset encodes with it);
 # - io (safetensors, atomic writes, image files, shipped paths) is below everything that saves or loads;
 # - evaluation reads data and files only; tasks use it (edit scoring), so it is below them;
-# - tasks are above train: the editing task trains its model with the project trainer.
+# - train is above tasks: an edit recipe exports the editing task's pipeline.
 LAYERS = [
     ("errors", "protocols", "schema"),  # exceptions, the model-family contract, config checks
     ("data.spaces", "nn"),              # pixel/model-space arithmetic; the transformer toolkit
@@ -46,8 +46,8 @@ LAYERS = [
     ("evaluation", "convert"),          # metrics; converters of official checkpoints
     ("models",),                        # the registry: model_type -> family class
     ("pipeline",),                      # a model and its components, loaded from a folder
-    ("train",),                         # trainer, checkpoints, recipes
-    ("tasks",),                         # encode, inpaint, edit
+    ("tasks",),                         # encode, inpaint, edit (their pipelines)
+    ("train",),                         # trainer, checkpoints, recipes (exports a task's pipeline)
     ("app",),                           # the demo
     ("cli", ""),                        # the commands, and the package's lazy re-exports
 ]
