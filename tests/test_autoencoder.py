@@ -395,7 +395,7 @@ def test_committed_mnist_autoencoder_loads_offline_and_reconstructs(monkeypatch)
     assert "starflow train-autoencoder" in recipe and "PSNR" in recipe
 
 
-@pytest.mark.parametrize("name", ["mnist", "shapes"])
+@pytest.mark.parametrize("name", ["mnist", "shapes", "shapes64"])
 def test_committed_finetuned_decoder_shares_encoder_and_reads_noisy_latents(name):
     if not (_shipped(name) and _shipped(name + "_ft")):
         pytest.skip(f"{name} autoencoders not committed")
@@ -407,12 +407,28 @@ def test_committed_finetuned_decoder_shares_encoder_and_reads_noisy_latents(name
     base, ft = load_default_autoencoder(name), load_default_autoencoder(name + "_ft")
     assert ft.decoder_noise_sigma == 0.3 and ft.scaling_factor == base.scaling_factor
     assert ft.encoder_fingerprint() == base.encoder_fingerprint()
-    test = dataset_images(load_named_dataset(name, "test"))[:100]
-    if name == "shapes":
-        assert base.latent_shape(32) == (4, 8, 8) and base.image_channels == 3
+    side = base.info.get("image_size")
+    test = dataset_images(load_named_dataset(name.removesuffix("64"), "test", image_size=side))[:100]
+    if name.startswith("shapes"):
+        assert base.latent_shape(side) == (4, 8, 8) and base.image_channels == 3
         assert reconstruction_psnr(base, test) > 25.0
     # the fine-tuned decoder is better on σ=0.3-noisy latents than the original one
     assert reconstruction_psnr(ft, test, sigma=0.3) > reconstruction_psnr(base, test, sigma=0.3)
+
+
+@pytest.mark.skipif(not (_shipped("shapes") and _shipped("shapes64")), reason="shapes autoencoders not committed")
+def test_committed_64px_shapes_autoencoder_shares_the_32px_latent_space():
+    """The 8x autoencoder encodes a 64x64 scene to (nearly) the latent the 4x one gives its 32x32 rendering,
+    so the shapes flows sample at 64x64 through it."""
+    from starflow.data.shapes import ShapesDataset
+
+    small, big = load_default_autoencoder("shapes"), load_default_autoencoder("shapes64")
+    assert big.downsample == 8 and (big.scaling_factor, big.shift_factor) == (small.scaling_factor, small.shift_factor)
+    with torch.no_grad():
+        z32 = small.encode(ShapesDataset("test", size=100, image_size=32).images())
+        z64 = big.encode(ShapesDataset("test", size=100, image_size=64).images())
+    assert z64.shape == z32.shape == (100, 4, 8, 8)
+    assert (z64 - z32).pow(2).mean() < 0.01  # normalised units: latents have unit variance
 
 
 @pytest.mark.skipif(not (_shipped("mnist") and _shipped("mnist_ft")), reason="MNIST autoencoders not committed yet")

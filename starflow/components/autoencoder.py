@@ -51,6 +51,9 @@ DEFAULT_AUTOENCODERS = {
     "mnist_ft": "autoencoder_mnist_ft",
     "shapes": "autoencoder_shapes",
     "shapes_ft": "autoencoder_shapes_ft",
+    # 64x64 scenes -> the same 4x8x8 latent space as "shapes" (8x; encoder aligned to it, see its RECIPE.md)
+    "shapes64": "autoencoder_shapes64",
+    "shapes64_ft": "autoencoder_shapes64_ft",
 }
 
 
