@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from starflow.flow.condition import Condition, ConditionEmbedding
 from starflow.nn.attention import KVCache, attention_mask
+from starflow.nn.init import randn
 from starflow.nn.norms import OffsetRMSNorm
 from starflow.nn.rope import Rotary, rope_angles
 from starflow.nn.transformer import TransformerLayer
@@ -81,9 +82,9 @@ class FlowBlock(nn.Module):
         if rope:
             self.pos_embed = None
         else:
-            self.pos_embed = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
+            self.pos_embed = nn.Parameter(randn(num_tokens, width, std=1e-2))
         if start_token:
-            self.sos_embed = nn.Parameter(torch.randn(1, 1, token_dim))
+            self.sos_embed = nn.Parameter(randn(1, 1, token_dim))
         self.condition = ConditionEmbedding(width, num_classes, cond_dim, learned_null) if (num_classes or cond_dim) else None
         self.layers = nn.ModuleList(TransformerLayer(width, head_dim, mlp_ratio, norm, qk_norm, num_kv_heads, swiglu)
                                     for _ in range(num_layers))
@@ -96,7 +97,7 @@ class FlowBlock(nn.Module):
         self.source_prefix = source_prefix
         if source_prefix:  # edit models: the source image's tokens, projected and placed, lead the prefix
             self.source_proj = nn.Linear(token_dim, width)
-            self.source_pos = nn.Parameter(torch.randn(num_tokens, width) * 1e-2)
+            self.source_pos = nn.Parameter(randn(num_tokens, width, std=1e-2))
 
     @property
     def conditional(self) -> bool:

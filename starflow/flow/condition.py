@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from starflow.nn.init import randn
+
 
 @dataclass
 class Condition:
@@ -129,11 +131,11 @@ class ConditionEmbedding(nn.Module):
         self.learned_null = learned_null
         if num_classes:
             # Row ``num_classes`` is the learned null class.
-            self.class_embed = nn.Parameter(torch.randn(num_classes + learned_null, width) * 0.02)
+            self.class_embed = nn.Parameter(randn(num_classes + learned_null, width, std=0.02))
         if cond_dim:
             self.text_proj = nn.Linear(cond_dim, width)
             if learned_null:
-                self.null_text = nn.Parameter(torch.randn(width) * 0.02)
+                self.null_text = nn.Parameter(randn(width, std=0.02))
 
     def forward(self, cond: Condition | None, batch: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (tokens [B, P, W], key_valid [B, P] bool or None)."""

@@ -69,7 +69,11 @@ def check_finite_images(images: torch.Tensor, what: str) -> None:
 def save_pil(image: Image.Image, path: str) -> None:
     """Write a PIL image through the atomic writer (free space checked, never a half file)."""
 
-    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    ext = os.path.splitext(path)[1].lower()
+    # preinit() registers the common formats (PNG, JPEG, BMP, GIF, PPM); registered_extensions() imports
+    # every PIL plugin (~0.05-0.1 s), so it is only asked about the rarer extensions.
+    Image.preinit()
+    fmt = Image.EXTENSION.get(ext) or Image.registered_extensions().get(ext, "PNG")
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt), need=image.width * image.height * len(image.getbands()))
 
 
