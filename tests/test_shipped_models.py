@@ -41,9 +41,9 @@ def test_shipped_pixel_mnist_model_samples_and_scores():
 
 def test_shipped_text_model_follows_prompts():
     pipe = StarflowPipeline.from_pretrained(DEFAULT_TEXT_MODEL)
-    assert pipe.is_text_conditional and pipe.image_shape == (3, 32, 32)
+    assert pipe.is_text_conditional and pipe.image_shape == (3, 64, 64)  # 4x8x8 latents through the 8x autoencoder
     images = pipe("a red circle", num_images=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    assert images[0].size == (32, 32) and images[0].mode == "RGB"
+    assert images[0].size == (64, 64) and images[0].mode == "RGB"
     a = pipe.sample(1, prompt="a red circle", generator=torch.Generator().manual_seed(1))
     b = pipe.sample(1, prompt="a blue square", generator=torch.Generator().manual_seed(1))
     # same noise, different prompt: the red channel dominates only for the red prompt
