@@ -44,17 +44,20 @@ def starflow_velocity(model, x, sigma, states, pooled):
     return model.velocity(x, sigma, model.condition(x.shape[0], None, (states, None, pooled)))
 
 
+def both_velocities(model, ref, x, sigma):
+    """(diffusers' SD3 output, ours) for the same latents, random prompt states and sigmas."""
+    states, pooled = text(x.shape[0])
+    with torch.no_grad():
+        return ref(x, states, pooled, sigma * 1000).sample, starflow_velocity(model, x, sigma, states, pooled)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_converted_sd3_matches_diffusers(variant):
     ref = tiny_sd3(**VARIANTS[variant])
     model = from_diffusers_sd3(ref.state_dict(), dict(ref.config))
     assert model.config.qk_norm == (VARIANTS[variant]["qk_norm"] == "rms_norm")
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    states, pooled = text(3)
-    sigma = torch.tensor([1.0, 0.5, 0.01])
-    with torch.no_grad():
-        expected = ref(x, states, pooled, sigma * 1000).sample
-        got = starflow_velocity(model, x, sigma, states, pooled)
+    expected, got = both_velocities(model, ref, x, torch.tensor([1.0, 0.5, 0.01]))
     assert expected.abs().max() > 0.1  # a real signal, not two zero outputs
     assert (got - expected).abs().max() < 1e-5
 
@@ -78,11 +81,7 @@ def test_other_image_size_crops_the_reference_table():
     """A latent smaller than sample_size reads the centre of SD3's table, as diffusers does."""
     ref = tiny_sd3(qk_norm="rms_norm")
     model = from_diffusers_sd3(ref.state_dict(), dict(ref.config), image_size=4)
-    x = torch.randn(2, 4, 4, 4)
-    states, pooled = text(2)
-    with torch.no_grad():
-        expected = ref(x, states, pooled, torch.tensor([600.0, 300.0])).sample
-        got = starflow_velocity(model, x, torch.tensor([0.6, 0.3]), states, pooled)
+    expected, got = both_velocities(model, ref, torch.randn(2, 4, 4, 4), torch.tensor([0.6, 0.3]))
     assert (got - expected).abs().max() < 1e-5
 
 
@@ -184,9 +183,5 @@ def test_cli_converts_a_pipeline_folder(tmp_path, capsys):
     assert "converted" in capsys.readouterr().out
     model = RectifiedFlow.from_pretrained(str(tmp_path / "out"))
     assert model.config.shift == 2.5 and model.config.dual_attention_layers == (0,)
-    x = torch.randn(2, 4, 8, 8)
-    states, pooled = text(2)
-    with torch.no_grad():
-        expected = ref(x, states, pooled, torch.tensor([900.0, 100.0])).sample
-        got = starflow_velocity(model, x, torch.tensor([0.9, 0.1]), states, pooled)
+    expected, got = both_velocities(model, ref, torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.1]))
     assert (got - expected).abs().max() < 1e-5
