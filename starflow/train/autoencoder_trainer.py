@@ -182,7 +182,7 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
         if tuple(ref_mean.shape[1:]) != want:
             raise ValueError(f"the reference autoencoder's latents are {tuple(ref_mean.shape[1:])}, this one's "
                              f"would be {want}: match --latent-channels and the downsampling factor")
-        ref_scale = torch.as_tensor(align_to.scaling_factor, dtype=torch.float32).view(-1, 1, 1)
+        ref_target = align_to.normalize(ref_mean)  # what the encoder regresses, in unit-variance units
     ae = Autoencoder(vae, scaling_factor=1.0, shift_factor=0.0).to(device)
     ae.train()
     opt = torch.optim.Adam(ae.vae.parameters(), lr=cfg.lr)
@@ -203,7 +203,7 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
         else:  # decoder reads the reference's latents; encoder regresses them (normalised units)
             m = ref_mean[idx]
             z = (m + ref_std[idx] * torch.randn(m.shape, generator=gen)).to(device)
-            kl = ((post.mean - m.to(device)) * ref_scale.to(device)).pow(2).mean()
+            kl = (align_to.normalize(post.mean) - ref_target[idx].to(device)).pow(2).mean()
         y = ae.vae.decode(z).sample
         rec = _recon_loss(y, x, cfg.recon_loss)
         loss = rec + (cfg.kl_weight if align_to is None else 1.0) * kl
