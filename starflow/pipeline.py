@@ -235,10 +235,12 @@ class StarflowPipeline:
 
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu", denoise: str | None = None,
-                        dtype: torch.dtype | None = None) -> "StarflowPipeline":
+                        dtype: torch.dtype | None = None, decoder: str | None = None) -> "StarflowPipeline":
         """``directory``: a pipeline or bare model directory, or a shipped model's name (``shapes``,
         ``starflow:mnist``, ...). ``dtype`` (STARFlow models): the flow's weight dtype, e.g.
-        ``torch.bfloat16`` to run a large imported model in half the memory; default float32."""
+        ``torch.bfloat16`` to run a large imported model in half the memory; default float32.
+        ``decoder``: another autoencoder of the same latent space (shipped name or folder) to use in place
+        of the saved one, e.g. a clean decoder with ``denoise="tweedie"``."""
         # lazy: components (diffusers, transformers) only when the folder has them
         from starflow.io.shipped import resolve_model
 
@@ -266,11 +268,28 @@ class StarflowPipeline:
             from starflow.components.text_encoder import TextEncoder
 
             text_encoder = TextEncoder.from_spec(index["text_encoder"]).to(device)
+        if decoder is not None:
+            autoencoder = _swap_autoencoder(autoencoder, decoder, device, directory)
         return cls(model, autoencoder, text_encoder, index.get("noise_std", 0.0), denoise or index.get("denoise"),
                    sampling=index.get("sampling"))
 
 
-def load_pretrained(directory: str, map_location="cpu") -> StarflowPipeline:
+def _swap_autoencoder(saved, spec: str, device, directory: str):
+    """The autoencoder ``spec`` in place of a pipeline's ``saved`` one, refused unless both read and write
+    the same latent space (a decoder of another space would turn every sample into noise)."""
+    from starflow.components.autoencoder import resolve_autoencoder  # lazy: diffusers
+
+    if saved is None:
+        raise ConfigError(f"--decoder {spec}: the model in {directory} is not a latent model (it has no autoencoder)")
+    new = resolve_autoencoder(spec, device=device)
+    if new.latent_space_fingerprint() != saved.latent_space_fingerprint():
+        raise ConfigError(f"--decoder {spec}: its latent space is not the one the model in {directory} was trained "
+                          "in (different encoder fingerprint); use an autoencoder fine-tuned from or aligned to it")
+    return new
+
+
+def load_pretrained(directory: str, map_location="cpu", denoise: str | None = None,
+                    decoder: str | None = None) -> StarflowPipeline:
     """A ``StarflowPipeline`` for a pipeline or bare model directory (or shipped name): ``.sample(n, y=..., prompt=...)``
     returns images in [-1, 1] whatever space the model lives in."""
-    return StarflowPipeline.from_pretrained(directory, device=map_location)
+    return StarflowPipeline.from_pretrained(directory, device=map_location, denoise=denoise, decoder=decoder)

@@ -47,3 +47,28 @@ def test_the_pipeline_finishes_through_the_shared_step(tiny_model):
     raw = tiny_model.sample(2, y=y, generator=torch.Generator().manual_seed(0))
     expected = denoise_and_decode(raw, "tweedie", 0.2, lambda v: tiny_model.log_prob(v, y))
     assert torch.equal(pipe.sample(2, y=y, generator=torch.Generator().manual_seed(0)), expected)
+
+
+def test_decoder_swap_keeps_the_latent_space_or_refuses():
+    """--decoder: a decoder fine-tuned from (or aligned to) the model's autoencoder replaces it; one of
+    another latent space is refused before it can turn samples into noise."""
+    from starflow.errors import ConfigError
+
+    pipe = StarflowPipeline.from_pretrained("mnist", decoder="mnist", denoise="tweedie")
+    assert pipe.denoise == "tweedie" and pipe.autoencoder.decoder_noise_sigma is None  # the clean decoder
+    shipped = StarflowPipeline.from_pretrained("mnist")
+    assert shipped.autoencoder.decoder_noise_sigma == 0.3
+    x = torch.zeros(1, 4, 7, 7)
+    assert not torch.equal(pipe.autoencoder.decode(x), shipped.autoencoder.decode(x))
+    with pytest.raises(ConfigError, match="latent space"):
+        StarflowPipeline.from_pretrained("mnist", decoder="shapes")
+    with pytest.raises(ConfigError, match="not a latent model"):
+        StarflowPipeline.from_pretrained("mnist-pixel", decoder="mnist")
+
+
+def test_aligned_autoencoder_shares_its_reference_latent_space():
+    from starflow.components.autoencoder import load_default_autoencoder
+
+    ref, aligned = load_default_autoencoder("shapes"), load_default_autoencoder("shapes64")
+    assert aligned.encoder_fingerprint() != ref.encoder_fingerprint()
+    assert aligned.latent_space_fingerprint() == ref.latent_space_fingerprint()

@@ -11,6 +11,7 @@ import os
 
 from starflow.cli.common import (add_command, require_extra, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
                                  model_spec, resolve_device)
+from starflow.cli.sample import add_decoding_args
 
 
 def _sample_arg(text: str):
@@ -68,6 +69,7 @@ def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
     p.add_argument("--sample-arg", action="append", type=_sample_arg, default=[], metavar="KEY=VALUE",
                    help="extra keyword for model.sample (JSON value), e.g. --sample-arg guidance=1.5; repeatable")
     p.add_argument("--quiet", action="store_true", help="print only the table")
+    add_decoding_args(p)
     add_device_arg(p)
     add_threads_arg(p)
     return p
@@ -101,7 +103,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     from starflow.pipeline import load_pretrained  # lazy: sub-command help must not import torch
 
-    model = load_pretrained(spec, map_location=str(device))
+    model = load_pretrained(spec, map_location=str(device), denoise=args.denoise, decoder=args.decoder)
     if hasattr(model, "to"):
         model = model.to(device) or model
     if hasattr(model, "eval"):

@@ -7,7 +7,7 @@ import os
 import time
 
 from starflow.cli.common import add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads, resolve_device
-from starflow.cli.sample import add_sampling_args, add_scale_arg, sampling_kwargs
+from starflow.cli.sample import add_decoding_args, add_sampling_args, add_scale_arg, sampling_kwargs
 
 MAX_IMAGES = 256
 EPILOG = """examples:
@@ -29,8 +29,7 @@ def add_parser(sub, name):
     p.add_argument("--no-grid", dest="grid", action="store_false", help="one PNG per image into --out")
     p.add_argument("--grid", dest="grid", action="store_true", help="one PNG grid (the default)")
     add_scale_arg(p)
-    p.add_argument("--denoise", choices=["decoder", "tweedie", "none"],
-                   help="latent models: how to clean the noisy latent (default: what the model was shipped with)")
+    add_decoding_args(p)
     add_sampling_args(p)
     p.set_defaults(num_images=4, grid=True)
     add_device_arg(p)
@@ -63,7 +62,8 @@ def run(args) -> int:
 
     check_output_dir(args.out if not args.grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
-    pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise)
+    pipe = StarflowPipeline.from_pretrained(args.model or default_model(args.prompt), device=device, denoise=args.denoise,
+                                           decoder=args.decoder)
     kw = sampling_kwargs(args, pipe)
     y = None
     if args.label is not None:

@@ -40,6 +40,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aspect", help="W:H, e.g. 16:9: sample at the model's aspect-ratio bucket nearest this ratio")
 
 
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """How a latent model's noisy sample becomes an image: the cleaning step and the decoder."""
+    p.add_argument("--denoise", choices=["decoder", "tweedie", "none"],
+                   help="latent models: how to clean the noisy latent (default: what the model was shipped with)")
+    p.add_argument("--decoder", metavar="NAME|DIR",
+                   help="latent models: decode with this autoencoder of the same latent space instead of the "
+                        "shipped one (e.g. mnist, a clean decoder, with --denoise tweedie)")
+
+
 def add_scale_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=0,
                    help="upscale each tile by this integer factor (nearest); 0 = automatic (tiles under 64 px "
@@ -55,6 +64,7 @@ def add_parser(sub, name):
     p.add_argument("--no-grid", action="store_true", help="write one PNG per image into --out")
     add_scale_arg(p)
     add_sampling_args(p)
+    add_decoding_args(p)
     add_device_arg(p)
     add_threads_arg(p)
     return p
@@ -101,7 +111,8 @@ def run(args) -> int:
     apply_threads(args.threads)
     check_output_dir(args.out if args.no_grid else os.path.dirname(os.path.abspath(args.out)), "--out")
     device = resolve_device(args.device)
-    model = load_pretrained(model_spec(args) or "mnist", map_location=device)
+    model = load_pretrained(model_spec(args) or "mnist", map_location=device, denoise=args.denoise,
+                            decoder=args.decoder)
     kw = sampling_kwargs(args, model)
     y = None
     if args.label is not None:

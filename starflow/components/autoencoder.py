@@ -260,6 +260,13 @@ class Autoencoder(nn.Module):
             h.update(t.detach().cpu().float().numpy().tobytes())
         return h.hexdigest()
 
+    def latent_space_fingerprint(self) -> str:
+        """Which latent space this autoencoder reads and writes: the encoder fingerprint of the autoencoder
+        it was aligned to (``train-autoencoder --align-to``), else its own. Two autoencoders with the same
+        value decode the same latents, so a flow trained on one samples through the other."""
+        aligned = (self.info or {}).get("aligned_to") or {}
+        return aligned.get("encoder_fingerprint") or self.encoder_fingerprint()
+
     # ------------------------------------------------------------------ save / load
     def sidecar(self) -> dict[str, Any]:
         d = {"format": "starflow-autoencoder-v1", "scaling_factor": self.scaling_factor,

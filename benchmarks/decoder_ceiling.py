@@ -1,0 +1,65 @@
+"""The best sample quality a latent flow can reach through its decoder: FD and precision/recall of
+*real* training images sent through the latent space (encode, add the training noise sigma, decode with
+the shipped decoder), against the same held-out reference and at the same n as `starflow eval`.
+
+A latent model whose samples were exactly the noisy latents of real images would score this, so a
+model's FD target below this figure is out of reach without a better decoder (or less noise); above
+it, the gap is the flow's. The real-vs-real baseline is printed beside it.
+
+    python benchmarks/decoder_ceiling.py --encoder mnist --decoder mnist_ft --sigma 0.3 --num-samples 1000
+    python benchmarks/decoder_ceiling.py --encoder mnist --decoder mnist --sigma 0.0   # clean round trip
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from starflow.components.autoencoder import resolve_autoencoder
+from starflow.evaluation.report import _load_split, evaluate_model
+
+
+class _RoundTrip(torch.nn.Module):
+    """Looks like a model to `evaluate_model`: its "samples" are decoded noisy latents of train images."""
+
+    def __init__(self, images, encoder, decoder, sigma):
+        super().__init__()
+        self.images, self.encoder, self.decoder, self.sigma = images, encoder, decoder, sigma
+        self.config = {"num_classes": 0}
+        self.device = torch.device("cpu")
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, **_):
+        idx = torch.randint(len(self.images), (n,), generator=generator)
+        z = self.encoder.encode(self.images[idx])  # uint8 or [-1, 1] float images
+        z = z + self.sigma * torch.randn(z.shape, generator=generator)
+        return self.decoder.decode(z)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--encoder", default="mnist", help="autoencoder (shipped name or folder) whose encoder makes the latents")
+    p.add_argument("--decoder", default="mnist_ft", help="autoencoder (shipped name or folder) whose decoder draws them")
+    p.add_argument("--sigma", type=float, default=0.3, help="training noise on the normalised latents")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file for the report")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    images = _load_split(a.dataset, "train")[0]
+    model = _RoundTrip(images, resolve_autoencoder(a.encoder), resolve_autoencoder(a.decoder), a.sigma)
+    rep = evaluate_model(model, ["fd", "pr"], dataset=a.dataset, num_samples=a.num_samples, seed=a.seed,
+                         log=lambda *x, **k: None)
+    fd, pr = rep["metrics"]["fd"], rep["metrics"]["pr"]
+    print(f"{a.encoder} -> +N(0,{a.sigma}^2) -> {a.decoder}, n={a.num_samples}: FD {fd['value']:.1f} "
+          f"(real vs real {fd['real_baseline']['value']:.1f}), precision {pr['precision']:.3f} recall "
+          f"{pr['recall']:.3f} (real {pr['real_baseline']['precision']:.3f} / {pr['real_baseline']['recall']:.3f})")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"encoder": a.encoder, "decoder": a.decoder, "sigma": a.sigma, **rep}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
