@@ -26,6 +26,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2"])
     p.add_argument("--flip", action="store_true", help="also train on flipped images (not for digits)")
     p.add_argument("--image-size", type=int, default=None, help="default: the image size recorded with the autoencoder")
+    p.add_argument("--adv-weight", type=float, default=0.0,
+                   help="> 0: also train against a patch discriminator (hinge loss, scaled to the reconstruction "
+                        "loss's gradient), which sharpens the decoder's images (default: 0, off)")
+    p.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial term is used")
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
     add_device_arg(p)
@@ -39,6 +43,8 @@ def _command(args, dataset) -> str:
              "--seed", str(args.seed)]
     if args.flip:
         parts.append("--flip")
+    if args.adv_weight:
+        parts += ["--adv-weight", str(args.adv_weight), "--adv-start", str(args.adv_start)]
     if args.image_size is not None:
         parts += ["--image-size", str(args.image_size)]
     if args.threads:
@@ -88,7 +94,8 @@ def run(args) -> int:
         raise ValueError(f"dataset {dataset!r} has {train.shape[1]}-channel images; the autoencoder expects "
                          f"{ae.image_channels}")
     cfg = FinetuneConfig(sigma=args.sigma, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         recon_loss=args.recon_loss, flip=args.flip, seed=args.seed)
+                         recon_loss=args.recon_loss, flip=args.flip, seed=args.seed,
+                         adv_weight=args.adv_weight, adv_start=args.adv_start)
     before = {"clean": reconstruction_psnr(ae, test), "noisy": reconstruction_psnr(ae, test, sigma=args.sigma)}
     print(f"finetune-decoder: original decoder test PSNR clean {before['clean']:.2f} dB, "
           f"σ={args.sigma} {before['noisy']:.2f} dB")
@@ -109,7 +116,9 @@ def run(args) -> int:
              "Made by (from the repository root):", "", "```", _command(args, dataset), "```", "",
              f"Encoder and latent normalisation are those of `{args.autoencoder}` "
              f"({n} encoder tensors verified bit-identical); only the decoder and post_quant_conv were trained, "
-             f"on z + σε -> x with z the normalised posterior mean and fresh ε each step.", "",
+             f"on z + σε -> x with z the normalised posterior mean and fresh ε each step"
+             + (f", with a patch-discriminator hinge loss (weight {args.adv_weight}, from step {args.adv_start})."
+                if args.adv_weight else "."), "",
              f"Test PSNR (dB, {len(test)} held-out images, mean over images):", "",
              "| decoder | clean latent | latent + σε |", "|---|---|---|",
              f"| original | {before['clean']:.2f} | {before['noisy']:.2f} |",

@@ -68,6 +68,9 @@ class FinetuneConfig:
     seed: int = 0
     log_every: int = 100
     grad_clip: float = 1.0
+    adv_weight: float = 0.0  # > 0: add a patch-discriminator hinge loss (see starflow.train.discriminator)
+    adv_start: int = 0  # step from which the adversarial term is used (the discriminator trains throughout)
+    disc_lr: float = 2e-4
 
     def __post_init__(self):
         check_types(self)
@@ -255,11 +258,17 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     for p in params:
         p.requires_grad_(True)
     ft.vae.train()
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9) if cfg.adv_weight > 0 else (0.9, 0.999))
+    disc = disc_opt = None
+    if cfg.adv_weight > 0:
+        from starflow.train.discriminator import PatchDiscriminator  # lazy: only adversarial runs need it
+
+        disc = PatchDiscriminator(x_all.shape[1]).to(device)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(cfg.seed)
-    hist = {"step": [], "recon": []}
+    hist = {"step": [], "recon": [], "adv": [], "disc": []}
     t0 = time.time()
-    run = 0.0
+    run = {"recon": 0.0, "adv": 0.0, "disc": 0.0}
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
@@ -267,25 +276,56 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
         z = z_all[idx] + cfg.sigma * torch.randn(z_all[idx].shape, generator=gen)
         x = images_to_float(x_all[idx]).to(device)
         y = ft.vae.decode(ft.denormalize(z.to(device))).sample
-        loss = _recon_loss(y, x, cfg.recon_loss)
+        rec = _recon_loss(y, x, cfg.recon_loss)
+        loss, adv = rec, torch.zeros(())
+        if disc is not None and step >= cfg.adv_start:
+            adv = _decoder_adversarial_loss(ft, disc, y, rec)
+            loss = rec + cfg.adv_weight * adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        run += loss.item()
+        if disc is not None:
+            run["disc"] += _discriminator_step(disc, disc_opt, x, y.detach())
+        run["recon"] += rec.item()
+        run["adv"] += adv.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             k = (step % cfg.log_every) + 1
             hist["step"].append(step + 1)
-            hist["recon"].append(run / k)
-            log(f"step {step + 1}/{cfg.steps}  recon {run / k:.4f}  {time.time() - t0:.0f}s")
-            run = 0.0
+            for key in run:
+                hist[key].append(run[key] / k)
+            adv_text = f"  adv {run['adv'] / k:.4f}  disc {run['disc'] / k:.4f}" if disc is not None else ""
+            log(f"step {step + 1}/{cfg.steps}  recon {run['recon'] / k:.4f}{adv_text}  {time.time() - t0:.0f}s")
+            run = dict.fromkeys(run, 0.0)
     for p in ft.vae.parameters():
         p.requires_grad_(True)
     ft.eval()
     ft.decoder_noise_sigma = cfg.sigma
     hist["train_seconds"] = time.time() - t0
     return ft, hist
+
+
+def _decoder_adversarial_loss(ae: Autoencoder, disc, y: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """The decoder's hinge loss against ``disc``, scaled to the reconstruction's gradient at the last layer."""
+    from starflow.train.discriminator import adaptive_adversarial_weight, generator_hinge_loss
+
+    for p in disc.parameters():
+        p.requires_grad_(False)
+    g = generator_hinge_loss(disc(y))
+    for p in disc.parameters():
+        p.requires_grad_(True)
+    return adaptive_adversarial_weight(rec, g, ae.vae.decoder.conv_out.weight) * g
+
+
+def _discriminator_step(disc, opt, real: torch.Tensor, fake: torch.Tensor) -> float:
+    from starflow.train.discriminator import discriminator_hinge_loss
+
+    loss = discriminator_hinge_loss(disc(real), disc(fake))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def config_to_dict(cfg) -> dict:
