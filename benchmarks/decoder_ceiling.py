@@ -20,6 +20,17 @@ from starflow.components.autoencoder import resolve_autoencoder
 from starflow.evaluation.report import _load_split, evaluate_model
 
 
+def pixel_levels(images: torch.Tensor) -> dict:
+    """Share of pixels that are exactly black, faint (1-29 of 255) and near white (>= 250): a decoder that
+    leaves a faint halo on MNIST's pure-black background is far from the data in feature space although
+    the halo is invisible."""
+    from starflow.io.images import to_uint8
+
+    t = (images if images.dtype == torch.uint8 else to_uint8(images)).float()
+    return {"black": (t == 0).float().mean().item(), "faint": ((t > 0) & (t < 30)).float().mean().item(),
+            "bright": (t >= 250).float().mean().item()}
+
+
 class _RoundTrip(torch.nn.Module):
     """Looks like a model to `evaluate_model`: its "samples" are decoded noisy latents of train images."""
 
@@ -56,9 +67,14 @@ def main(argv=None):
     print(f"{a.encoder} -> +N(0,{a.sigma}^2) -> {a.decoder}, n={a.num_samples}: FD {fd['value']:.1f} "
           f"(real vs real {fd['real_baseline']['value']:.1f}), precision {pr['precision']:.3f} recall "
           f"{pr['recall']:.3f} (real {pr['real_baseline']['precision']:.3f} / {pr['real_baseline']['recall']:.3f})")
+    levels = {"real": pixel_levels(images[:a.num_samples]),
+              "decoded": pixel_levels(model.sample(a.num_samples, generator=torch.Generator().manual_seed(a.seed)))}
+    print("pixel levels (share black / faint 1-29 / >= 250): " + ", ".join(
+        f"{k} {v['black']:.3f} / {v['faint']:.3f} / {v['bright']:.3f}" for k, v in levels.items()))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"encoder": a.encoder, "decoder": a.decoder, "sigma": a.sigma, **rep}, f, indent=1, default=str)
+            json.dump({"encoder": a.encoder, "decoder": a.decoder, "sigma": a.sigma, "pixel_levels": levels, **rep},
+                      f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2"])
+    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2", "censored-l1", "censored-l1+l2"])
     p.add_argument("--flip", action="store_true", help="also train on flipped images (not for digits)")
     p.add_argument("--image-size", type=int, default=None, help="default: the image size recorded with the autoencoder")
     p.add_argument("--adv-weight", type=float, default=0.0,

@@ -22,7 +22,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4,
                    help="weight of the posterior KL (summed over latent elements, divided by image elements)")
-    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2"])
+    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2", "censored-l1", "censored-l1+l2"])
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--channels", default="32,64,64",
                    help="block_out_channels; k entries give 2^(k-1)x downsampling")

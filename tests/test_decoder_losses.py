@@ -1,5 +1,5 @@
-"""The adversarial decoder loss: the adaptive weight against a hand-computed case, the discriminator's
-patch output, and an adversarial fine-tune that trains only the decoder."""
+"""Decoder training losses: the adversarial term (adaptive weight against a hand-computed case, the
+patch discriminator, an adversarial fine-tune that trains only the decoder) and the censored reconstruction."""
 import torch
 
 from starflow.train.discriminator import (PatchDiscriminator, adaptive_adversarial_weight,
@@ -43,3 +43,16 @@ def test_adversarial_finetune_changes_only_the_decoder():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
     assert hist["adv"][0] != 0.0 and hist["disc"][0] > 0.0  # both terms ran and were logged
+
+
+def test_censored_loss_ignores_errors_beyond_a_clipped_target():
+    from starflow.train.autoencoder_trainer import _recon_loss
+
+    target = torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.0])
+    pred = torch.tensor([-1.5, -0.5, 1.5, 0.5, -0.2])  # beyond black, above black, beyond white, below white, plain
+    # only the three real errors count: 0.5, 0.5, 0.2 over 5 pixels
+    assert abs(_recon_loss(pred, target, "censored-l1").item() - 1.2 / 5) < 1e-6
+    assert abs(_recon_loss(pred, target, "l1").item() - 2.2 / 5) < 1e-6
+    p = pred.clone().requires_grad_(True)
+    _recon_loss(p, target, "censored-l1+l2").backward()
+    assert p.grad[0] == 0 and p.grad[2] == 0 and p.grad[1] > 0 and p.grad[3] < 0
