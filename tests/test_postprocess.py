@@ -54,10 +54,10 @@ def test_decoder_swap_keeps_the_latent_space_or_refuses():
     another latent space is refused before it can turn samples into noise."""
     from starflow.errors import ConfigError
 
-    pipe = StarflowPipeline.from_pretrained("mnist", decoder="mnist", denoise="tweedie")
-    assert pipe.denoise == "tweedie" and pipe.autoencoder.decoder_noise_sigma is None  # the clean decoder
+    pipe = StarflowPipeline.from_pretrained("mnist", decoder="mnist_ft", denoise="decoder")
+    assert pipe.denoise == "decoder" and pipe.autoencoder.decoder_noise_sigma == 0.3  # the σ = 0.3 decoder
     shipped = StarflowPipeline.from_pretrained("mnist")
-    assert shipped.autoencoder.decoder_noise_sigma == 0.3
+    assert shipped.denoise == "tweedie" and shipped.autoencoder.decoder_noise_sigma == 0.0  # a clean one
     x = torch.zeros(1, 4, 7, 7)
     assert not torch.equal(pipe.autoencoder.decode(x), shipped.autoencoder.decode(x))
     with pytest.raises(ConfigError, match="latent space"):

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from starflow.components.autoencoder import Autoencoder, images_to_float
 from starflow.schema import check_types
+from starflow.train.discriminator import (PatchDiscriminator, adaptive_adversarial_weight, discriminator_hinge_loss,
+                                          generator_hinge_loss)
 from starflow.train.schedule import warmup_cosine
 
 
@@ -272,8 +274,6 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9) if cfg.adv_weight > 0 else (0.9, 0.999))
     disc = disc_opt = None
     if cfg.adv_weight > 0:
-        from starflow.train.discriminator import PatchDiscriminator  # lazy: only adversarial runs need it
-
         disc = PatchDiscriminator(x_all.shape[1]).to(device)
         disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -319,8 +319,6 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
 
 def _decoder_adversarial_loss(ae: Autoencoder, disc, y: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     """The decoder's hinge loss against ``disc``, scaled to the reconstruction's gradient at the last layer."""
-    from starflow.train.discriminator import adaptive_adversarial_weight, generator_hinge_loss
-
     for p in disc.parameters():
         p.requires_grad_(False)
     g = generator_hinge_loss(disc(y))
@@ -330,8 +328,6 @@ def _decoder_adversarial_loss(ae: Autoencoder, disc, y: torch.Tensor, rec: torch
 
 
 def _discriminator_step(disc, opt, real: torch.Tensor, fake: torch.Tensor) -> float:
-    from starflow.train.discriminator import discriminator_hinge_loss
-
     loss = discriminator_hinge_loss(disc(real), disc(fake))
     opt.zero_grad(set_to_none=True)
     loss.backward()
