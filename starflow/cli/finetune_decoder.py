@@ -23,12 +23,14 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2", "censored-l1", "censored-l1+l2"])
+    p.add_argument("--recon-loss", default="l1+l2", choices=["l1", "l2", "l1+l2", "censored-l1", "censored-l1+l2"],
+                   help="censored-*: a target pixel at pure black/white counts any prediction beyond it as exact, "
+                        "so the decoder stops drawing a faint halo on black backgrounds (default: l1+l2)")
     p.add_argument("--flip", action="store_true", help="also train on flipped images (not for digits)")
     p.add_argument("--image-size", type=int, default=None, help="default: the image size recorded with the autoencoder")
     p.add_argument("--adv-weight", type=float, default=0.0,
                    help="> 0: also train against a patch discriminator (hinge loss, scaled to the reconstruction "
-                        "loss's gradient), which sharpens the decoder's images (default: 0, off)")
+                        "loss's gradient) to push the decoder towards sharp, data-like images (default: 0, off)")
     p.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial term is used")
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
