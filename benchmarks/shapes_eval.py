@@ -33,6 +33,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--decoder", default=None, help="decode through this autoencoder of the same latent space")
+    p.add_argument("--denoise", default=None, choices=["decoder", "tweedie", "none"],
+                   help="how to clean the noisy latent (default: the model's own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="benchmarks/results/shapes_eval.json")
@@ -47,13 +49,14 @@ def main(argv=None):
     from starflow.io.images import save_images, to_uint8
     from starflow.pipeline import StarflowPipeline
 
-    pipe = StarflowPipeline.from_pretrained(args.checkpoint, device=args.device, decoder=args.decoder)
+    pipe = StarflowPipeline.from_pretrained(args.checkpoint, device=args.device, decoder=args.decoder,
+                                            denoise=args.denoise)
     side = pipe.image_shape[-1]
     test = ShapesDataset("test", size=args.num_prompts, image_size=side)
     extractor = get_extractor("effnetlite0", device=args.device)
     ref, _ = reference_stats("shapes" if side == 32 else f"shapes{side}", "test", extractor, images=test.images(),
                              n=args.num_prompts)
-    out = {"checkpoint": args.checkpoint, "decoder": args.decoder, "n": args.num_prompts, "rule": args.guidance_rule,
+    out = {"checkpoint": args.checkpoint, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
            "temperature": args.temperature, "runs": []}
     defaults = pipe.sampling_defaults
     weights = [defaults.get("guidance", 0.0)] if args.guidance == "default" else [float(v) for v in args.guidance.split(",")]
