@@ -34,9 +34,10 @@ def pixel_levels(images: torch.Tensor) -> dict:
 class _RoundTrip(torch.nn.Module):
     """Looks like a model to `evaluate_model`: its "samples" are decoded noisy latents of train images."""
 
-    def __init__(self, images, encoder, decoder, sigma):
+    def __init__(self, images, encoder, decoder, sigma, zero_faint=False):
         super().__init__()
         self.images, self.encoder, self.decoder, self.sigma = images, encoder, decoder, sigma
+        self.zero_faint = zero_faint
         self.config = {"num_classes": 0}
         self.device = torch.device("cpu")
 
@@ -45,7 +46,10 @@ class _RoundTrip(torch.nn.Module):
         idx = torch.randint(len(self.images), (n,), generator=generator)
         z = self.encoder.encode(self.images[idx])  # uint8 or [-1, 1] float images
         z = z + self.sigma * torch.randn(z.shape, generator=generator)
-        return self.decoder.decode(z)
+        y = self.decoder.decode(z)
+        if self.zero_faint:  # diagnostic only: how much of the gap is the faint halo
+            y = torch.where(y < -1 + 2 * 30 / 255, torch.full_like(y, -1.0), y)
+        return y
 
 
 def main(argv=None):
@@ -56,11 +60,14 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, default=0.3, help="training noise on the normalised latents")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-faint", action="store_true",
+                   help="diagnostic: set decoded pixels below 30/255 to black before scoring")
     p.add_argument("--out", help="JSON file for the report")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     images = _load_split(a.dataset, "train")[0]
-    model = _RoundTrip(images, resolve_autoencoder(a.encoder), resolve_autoencoder(a.decoder), a.sigma)
+    model = _RoundTrip(images, resolve_autoencoder(a.encoder), resolve_autoencoder(a.decoder), a.sigma,
+                       a.zero_faint)
     rep = evaluate_model(model, ["fd", "pr"], dataset=a.dataset, num_samples=a.num_samples, seed=a.seed,
                          log=lambda *x, **k: None)
     fd, pr = rep["metrics"]["fd"], rep["metrics"]["pr"]
