@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from starflow.flow.block import Context, FlowBlock
 from starflow.flow.chunked_jacobi import chunked_jacobi
 from starflow.flow.guidance import Guidance
 from starflow.flow.samplers import SAMPLERS  # noqa: F401  (re-exported)
+from starflow.nn.packed_linear import PackedLinear
 
 
 @dataclass
@@ -97,12 +97,14 @@ def _rows(z_perm, guided):
 class TokenDecoder:
     """Cached decoding of one block, one token per row per step, on the lean per-layer path
     (``TransformerLayer.decode``): 2-D activations, functional kernels, no masks unless a prefix is
-    padded. Batch-1 sampling is bound by per-kernel dispatch, so every call saved is time saved."""
+    padded. Batch-1 sampling is bound by per-kernel dispatch, so every call saved is time saved; from a
+    few rows on, the matmuls dominate and take weights packed once for the CPU's GEMM (``PackedLinear``)."""
 
-    def __init__(self, block: FlowBlock, ctx: Context, rows: int, device):
+    def __init__(self, block: FlowBlock, ctx: Context, rows: int, device, like: torch.Tensor):
         self.block, self.ctx = block, ctx
         self.caches = block.new_caches(ctx)
         self.first = block.prefill(ctx, self.caches, rows, device)[:, 0]  # predicts token 0, [R, out]
+        self.linear = PackedLinear(rows, like)
         valid = ctx.key_valid(ctx.num_tokens)
         self.key_mask = None if valid is None else valid[:, None, None, :]
         self.pos_rows = block.pos_embed[ctx.pos_perm]  # [L, C] in the block's order
@@ -111,13 +113,13 @@ class TokenDecoder:
     def step(self, x_tok: torch.Tensor, i: int) -> torch.Tensor:
         """Feed permuted token i (x_tok [R, D]); return the raw output predicting token i + 1, [R, out]."""
         b = self.block
-        h = F.linear(x_tok, b.proj_in.weight, b.proj_in.bias) + self.pos_rows[i]
+        h = self.linear(x_tok, b.proj_in) + self.pos_rows[i]
         if self.ctx.add is not None:
             h = h + self.ctx.add
         pos = self.prefix_len + i
         for layer, cache in zip(b.layers, self.caches):
-            h = layer.decode(h, cache, pos, self.key_mask)
-        out = F.linear(h, b.proj_out.weight, b.proj_out.bias)
+            h = layer.decode(h, cache, pos, self.key_mask, self.linear)
+        out = self.linear(h, b.proj_out)
         return out if out.dtype == torch.float64 else out.float()
 
 
@@ -136,7 +138,7 @@ def _sequential(block, z_perm, ctx, step):
     if not lean_decodable(block):
         return _sequential_extend(block, z_perm, ctx, step)
     B, L, _ = z_perm.shape
-    dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm.device)
+    dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm.device, z_perm)
     out = dec.first
     x = torch.empty_like(z_perm)
     for i in range(L):

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starflow.nn.norms import make_norm, norm_2d
+from starflow.nn.packed_linear import plain_linear
 
 
 class FeedForward(nn.Sequential):
@@ -39,7 +40,8 @@ class MLP(nn.Module):
             return self.down_proj(F.gelu(self.gate_proj(h), approximate="tanh") * self.up_proj(h))
         return self.main(self.norm(x))
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """One token per row, x [R, C]: the GELU path with functional kernels (no module calls)."""
+    def decode(self, x: torch.Tensor, linear=plain_linear) -> torch.Tensor:
+        """One token per row, x [R, C]: the GELU path with functional kernels (no module calls);
+        ``linear(x, layer)`` is the matmul kernel (``starflow.nn.packed_linear``)."""
         up, act, down = self.main
-        return F.linear(act(F.linear(norm_2d(self.norm, x), up.weight, up.bias)), down.weight, down.bias)
+        return linear(act(linear(norm_2d(self.norm, x), up)), down)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from starflow.nn.attention import KVCache, SelfAttention
 from starflow.nn.mlp import MLP
+from starflow.nn.packed_linear import plain_linear
 from starflow.nn.norms import make_norm, norm_2d
 
 
@@ -26,12 +27,14 @@ class Attention(SelfAttention):
         """``rope``: a ``starflow.nn.rope.Rotary`` over the sequence's slots; x holds slots start.."""
         return super().forward(self.norm(x), mask, cache, start, rope)
 
-    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None,
+               linear=plain_linear) -> torch.Tensor:
         """One new token per row, x [R, C] -> [R, C], at cache position ``pos``. The same kernels as
-        ``forward`` with T = 1 (so the same numbers), minus the module calls and the sequence axis.
-        ``key_mask`` [R, 1, 1, >= pos + 1] bool hides padded prefix keys; None when nothing is hidden."""
+        ``forward`` with T = 1 (so the same numbers with ``plain_linear``), minus the module calls and the
+        sequence axis. ``key_mask`` [R, 1, 1, >= pos + 1] bool hides padded prefix keys; None when nothing
+        is hidden. ``linear(x, layer)``: the matmul kernel (``starflow.nn.packed_linear``)."""
         R, C = x.shape
-        qkv = F.linear(norm_2d(self.norm, x), self.qkv.weight, self.qkv.bias).view(R, 3, self.num_heads, 1, self.head_dim)
+        qkv = linear(norm_2d(self.norm, x), self.qkv).view(R, 3, self.num_heads, 1, self.head_dim)
         q, k, v = qkv.unbind(1)
         if not isinstance(self.q_norm, nn.Identity):
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
@@ -41,7 +44,7 @@ class Attention(SelfAttention):
         cache.v[:, :, pos:pos + 1] = v
         mask = None if key_mask is None else key_mask[..., :pos + 1]
         out = F.scaled_dot_product_attention(q, cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1], attn_mask=mask)
-        return F.linear(out.view(R, C), self.proj.weight, self.proj.bias)
+        return linear(out.view(R, C), self.proj)
 
 
 class TransformerLayer(nn.Module):
@@ -55,7 +58,8 @@ class TransformerLayer(nn.Module):
         x = x + self.attention(x, mask, cache, start, rope)
         return x + self.mlp(x)
 
-    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: int, key_mask: torch.Tensor | None = None,
+               linear=plain_linear) -> torch.Tensor:
         """Cached decoding of one token per row, x [R, C] (see ``Attention.decode``)."""
-        x = x + self.attention.decode(x, cache, pos, key_mask)
-        return x + self.mlp.decode(x)
+        x = x + self.attention.decode(x, cache, pos, key_mask, linear)
+        return x + self.mlp.decode(x, linear)
