@@ -31,6 +31,10 @@ def build_trainer(run: RunConfig) -> Trainer:
     mcfg, tcfg = run.model, run.train
     record_noise_std(mcfg, tcfg)
     base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
+    if tcfg.shift_augment:
+        from starflow.data.augment import ShiftedCopies  # lazy: only the components a recipe uses are imported
+
+        base = ShiftedCopies(base, tcfg.shift_augment)
     dataset, autoencoder, decoder = base, None, None
     if tcfg.autoencoder:
         # lazy: only the components a recipe uses are imported

@@ -33,6 +33,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     noise_std: float = 0.0            # extra Gaussian noise on [-1,1] pixels (TARFlow's augmentation); 0 = only dequantise
+    shift_augment: int = 0            # > 0: add copies of every image shifted by up to this many pixels (labelled sets)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
@@ -77,6 +78,7 @@ class TrainConfig:
         require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")
         require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         require(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
+        require(0 <= self.shift_augment <= 4, "shift_augment", f"must be in [0, 4] pixels, got {self.shift_augment}")
         require(self.precision in ("auto", "fp32", "bf16"), "precision", f"expected auto|fp32|bf16, got {self.precision!r}")
         require(self.distributed in ("ddp", "fsdp"), "distributed", f"expected ddp|fsdp, got {self.distributed!r}")
         require(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
