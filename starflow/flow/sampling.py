@@ -100,10 +100,11 @@ class TokenDecoder:
     padded. Batch-1 sampling is bound by per-kernel dispatch, so every call saved is time saved; from a
     few rows on, the matmuls dominate and take weights packed once for the CPU's GEMM (``PackedLinear``)."""
 
-    def __init__(self, block: FlowBlock, ctx: Context, rows: int, device, like: torch.Tensor):
+    def __init__(self, block: FlowBlock, ctx: Context, rows: int, like: torch.Tensor):
+        """``like``: a tensor of the sampling device and dtype (the noise)."""
         self.block, self.ctx = block, ctx
         self.caches = block.new_caches(ctx)
-        self.first = block.prefill(ctx, self.caches, rows, device)[:, 0]  # predicts token 0, [R, out]
+        self.first = block.prefill(ctx, self.caches, rows, like.device)[:, 0]  # predicts token 0, [R, out]
         self.linear = PackedLinear(rows, like)
         valid = ctx.key_valid(ctx.num_tokens)
         self.key_mask = None if valid is None else valid[:, None, None, :]
@@ -138,7 +139,7 @@ def _sequential(block, z_perm, ctx, step):
     if not lean_decodable(block):
         return _sequential_extend(block, z_perm, ctx, step)
     B, L, _ = z_perm.shape
-    dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm.device, z_perm)
+    dec = TokenDecoder(block, ctx, _rows(z_perm, step.guided), z_perm)
     out = dec.first
     x = torch.empty_like(z_perm)
     for i in range(L):

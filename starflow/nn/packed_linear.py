@@ -4,8 +4,8 @@ A decode step multiplies a handful of rows by every weight of the block, and at 
 CPU GEMM spends a large share of each call re-laying-out the weight. oneDNN can lay a weight out once
 for a fixed row count and reuse it. On this CPU that pays for weights of 128k+ entries from 4 rows on
 (1.1-1.8x per matmul, most for the MLP's down projection) and loses below 2 rows and on smaller weights
-(a 256x256 projection runs at 0.5-0.8x), so only those are packed (``benchmarks/decode_kernels.py``). Everything else
-(GPUs, float64, bf16, autograd, builds without oneDNN) takes ``F.linear`` unchanged. The packed layouts are
+(a 256x256 projection runs at 0.5-0.8x), so only those are packed (``benchmarks/decode_kernels.py``).
+Everything else (GPUs, float64, bf16, autograd, builds without oneDNN) takes ``F.linear`` unchanged. The packed layouts are
 cached per layer and row count and dropped when the weight changes (training between samples).
 """
 from __future__ import annotations
