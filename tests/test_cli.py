@@ -41,10 +41,23 @@ def test_sample_bad_input(saved, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_nll_on_digits(saved, capsys):
-    assert main(["nll", saved, "--dataset", "digits", "--split", "test"]) == 0
+def test_nll_on_digits(saved, capsys, tmp_path):
+    report = tmp_path / "nll.json"
+    assert main(["nll", saved, "--dataset", "digits", "--split", "test", "--out", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "bits/dim" in out and "n=300" in out
+    assert "bits/dim" in out and "n=300" in out and "p99" in out
+    figures = json.loads(report.read_text())
+    assert figures["n"] == 300 and figures["median"] <= figures["p90"] <= figures["p99"] <= figures["max"]
+    assert f"{figures['mean']:.4f} ± {figures['ci95']:.4f}" in out
+
+
+def test_nll_summary_hand_computed():
+    from starflow.cli.nll import summarize
+
+    s = summarize(torch.arange(1, 201, dtype=torch.float64))  # 1..200
+    assert s["mean"] == 100.5 and s["max"] == 200 and s["median"] == 101 and s["p99"] == 198
+    assert s["mean_without_top1pct"] == 99.5  # 1..198
+    assert abs(s["ci95"] - 1.96 * torch.arange(1, 201, dtype=torch.float64).std().item() / 200 ** 0.5) < 1e-12
 
 
 def test_train_cli_with_overrides(tmp_path, capsys):
