@@ -63,7 +63,7 @@ def test_sampling_defaults_stored_with_the_model(tmp_path):
     pipe = StarflowPipeline.from_pretrained("starflow:shapes")
     assert pipe.sampling_defaults["guidance"] == 2.0  # benchmarks/results/shapes_eval.txt: best FD, ShapesEval within 0.01 of best
     mnist = StarflowPipeline.from_pretrained("mnist")
-    assert mnist.sampling_defaults["guidance"] == 0.0  # the measured best of the shipped model (README)
+    assert mnist.sampling_defaults["guidance"] == 0.1  # the measured best of the shipped model (README)
     # saved and reloaded; a model without an entry falls back to the library's defaults
     mnist.sampling = {"guidance": 3.0}
     mnist.save_pretrained(str(tmp_path / "m"))
