@@ -78,7 +78,7 @@ def test_generate_uses_the_model_default_and_a_flag_overrides_it(tmp_path, capsy
     out = str(tmp_path / "d.png")
     assert main(["generate", "--class", "3", "-n", "1", "--out", out, "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "w=0," in printed and f"wrote {out}" in printed
+    assert "w=0.1," in printed and f"wrote {out}" in printed
     assert main(["generate", "--class", "3", "-n", "1", "--out", out, "--guidance", "1.5"]) == 0
     assert "w=1.5," in capsys.readouterr().out
 
