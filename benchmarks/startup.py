@@ -112,7 +112,7 @@ def main() -> int:
         if tree is not None:
             print(f"-- PYTHONPATH={tree}")
         print(f"{'command':<18}{'wall median s':>14}{'x torch':>9}{'CPU median s':>14}{'x torch':>9}  target")
-        for key in [ref] + [k for k in jobs if k[0] == (tree or "")]:
+        for key in [ref] + [k for k in jobs if k[0] == (tree or "") and k != ref]:
             name = key[1]
             w, c = statistics.median(walls[key]), statistics.median(cpus[key])
             target = TARGETS.get(name)
