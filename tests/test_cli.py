@@ -52,9 +52,9 @@ def test_nll_on_digits(saved, capsys, tmp_path):
 
 
 def test_nll_summary_hand_computed():
-    from starflow.cli.nll import summarize
+    from starflow.evaluation.likelihood import spread_summary
 
-    s = summarize(torch.arange(1, 201, dtype=torch.float64))  # 1..200
+    s = spread_summary(torch.arange(1, 201, dtype=torch.float64))  # 1..200
     assert s["mean"] == 100.5 and s["max"] == 200 and s["median"] == 101 and s["p99"] == 198
     assert s["mean_without_top1pct"] == 99.5  # 1..198
     assert abs(s["ci95"] - 1.96 * torch.arange(1, 201, dtype=torch.float64).std().item() / 200 ** 0.5) < 1e-12

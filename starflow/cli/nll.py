@@ -1,8 +1,6 @@
 """``starflow nll``: exact negative log-likelihood (bits/dim for pixel models) on a data split."""
 from __future__ import annotations
 
-import math
-
 from starflow.cli.common import (add_command, add_device_arg, add_model_arg, add_threads_arg, apply_threads,
                                  model_spec, resolve_device)
 
@@ -49,7 +47,9 @@ def run(args) -> int:
             y = y.to(device) if model.config.num_classes else None
             values.append(model.bits_per_dim(x.to(device), y, generator=generator).cpu())
     bpd = torch.cat(values).double()
-    summary = summarize(bpd)
+    from starflow.evaluation.likelihood import spread_summary  # lazy: sub-command help must not import torch
+
+    summary = spread_summary(bpd)
     print(f"{args.dataset}/{args.split}: {summary['mean']:.4f} ± {summary['ci95']:.4f} bits/dim (95% CI, n={len(bpd)})")
     # A mean over images hides a heavy tail (a few odd digits can score 10x the median): show the spread.
     print("  median {median:.4f}, p90 {p90:.4f}, p99 {p99:.4f}, max {max:.4f}; mean without the top 1%: "
@@ -64,17 +64,6 @@ def run(args) -> int:
         atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
         print(f"wrote {args.out}")
     return 0
-
-
-def summarize(values) -> dict:
-    """Mean with its 95% normal CI, and the quantiles that show a heavy tail, of per-image scores."""
-    v = values.double().sort().values
-    n = len(v)
-    q = lambda f: float(v[min(n - 1, int(f * (n - 1) + 0.5))])  # nearest-rank quantile
-    keep = v[: n - n // 100]  # the top 1% dropped (nothing below 100 images)
-    return {"n": n, "mean": float(v.mean()), "ci95": 1.96 * float(v.std()) / math.sqrt(n) if n > 1 else float("nan"),
-            "median": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": float(v[-1]),
-            "mean_without_top1pct": float(keep.mean())}
 
 
 def _one_image(args, device) -> int:
