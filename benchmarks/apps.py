@@ -306,22 +306,43 @@ def shapes_section(args) -> None:
 
 # ------------------------------------------------------------------------------------------- editing
 
+def run_edits(pipe, data, guidance, batch):
+    """The pipeline's outputs for every (source, instruction) of ``data``, and the sources."""
+    src = torch.stack([data[i][0] for i in range(len(data))])
+    out = [pipe.edit(src[i:i + batch], data.instructions[i:i + batch], guidance=guidance,
+                     generator=torch.Generator().manual_seed(i)) for i in range(0, len(data), batch)]
+    return torch.cat(out), src
+
+
+def tune_edit_guidance(pipe, val, batch, weights=(0.0, 1.0, 2.0, 3.0)) -> float:
+    """Choose the edit guidance on validation edits (their own seed, disjoint from train and test)."""
+    from starflow.tasks.editing import score_edit
+
+    scores = {}
+    for w in weights:
+        out, src = run_edits(pipe, val, w, batch)
+        scores[w] = float(np.mean([score_edit(src[i], out[i], val.examples[i].instruction)["passed"]
+                                   for i in range(len(val))]))
+    best = max(scores, key=scores.get)
+    say(f"    guidance chosen on {len(val)} validation edits (seed {val.seed}): "
+        + ", ".join(f"w {w:g}: {v:.3f}" for w, v in scores.items()) + f" -> w {best:g}")
+    return best
+
+
 def edit_section(args) -> None:
     from starflow.tasks.editing import EDIT_KINDS, EditDataset, EditPipeline, score_edit
 
     pipe = EditPipeline.from_pretrained(args.edit_model)
     C, H, _ = pipe.image_shape
+    if args.edit_tune:
+        args.edit_guidance = tune_edit_guidance(pipe, EditDataset("test", size=120, image_size=H, seed=99), args.batch)
     data = EditDataset("test", size=args.cases, image_size=H)
     src = torch.stack([data[i][0] for i in range(len(data))])
     tgt = torch.stack([data[i][1] for i in range(len(data))])
     say(f"[3] edit model {args.edit_model} ({E.space(pipe)} space, {pipe.model.num_params() / 1e6:.2f}M params): "
         f"{len(data)} held-out edits, guidance {args.edit_guidance}")
     t0 = time.time()
-    out = []
-    for i in range(0, len(data), args.batch):
-        out.append(pipe.edit(src[i:i + args.batch], data.instructions[i:i + args.batch], guidance=args.edit_guidance,
-                             generator=torch.Generator().manual_seed(i)))
-    out = torch.cat(out)
+    out, _ = run_edits(pipe, data, args.edit_guidance, args.batch)
     dt = time.time() - t0
     say(f"    {'instruction type':<12}{'n':>5}{'model success':>16}{'rest kept':>11}{'oracle':>8}{'copy':>6}")
     for kind in EDIT_KINDS + ("all",):
@@ -349,6 +370,7 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="choose the MNIST 'tuned' row on train-split digits instead")
     p.add_argument("--shapes-guidance", type=float, default=2.0)
     p.add_argument("--edit-guidance", type=float, default=1.0)
+    p.add_argument("--edit-tune", action="store_true", help="choose the edit guidance on 120 validation edits instead")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--mnist-model", default=PIXEL_DIGITS_MODEL)
     p.add_argument("--shapes-model", default=DEFAULT_TEXT_MODEL)
