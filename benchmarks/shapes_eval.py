@@ -8,7 +8,8 @@ Prompts are the captions of the first N scenes of the shapes *test* split (categ
 category gets N/6); each prompt is scored against its own structured spec, from the generated image
 alone. Also prints FD-EffNetLite0 against the real test scenes rendered at the model's image size (same n).
 ``--prompt`` also scores one free prompt (the README's set-up prompt) on ``--prompt-images`` images.
-``--guidance default`` uses the model's stored sampling defaults (model_index.json).
+``--guidance default`` uses the model's stored sampling defaults (model_index.json). ``--scene-seed S``
+draws the prompts from scenes of another seed: a validation set for choosing sampling settings.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_TEXT_MODEL)
     p.add_argument("--num-prompts", type=int, default=300)
+    p.add_argument("--scene-seed", type=int, default=None,
+                   help="prompts from scenes of this seed instead of the test split (a validation set for "
+                        "choosing sampling settings without looking at the test prompts)")
     p.add_argument("--guidance", default="2", help="one weight, a comma-separated list, or 'default'")
     p.add_argument("--prompt", default=None, help="also score this prompt (caption grammar) on --prompt-images images")
     p.add_argument("--prompt-images", type=int, default=8)
@@ -52,11 +56,12 @@ def main(argv=None):
     pipe = StarflowPipeline.from_pretrained(args.checkpoint, device=args.device, decoder=args.decoder,
                                             denoise=args.denoise)
     side = pipe.image_shape[-1]
-    test = ShapesDataset("test", size=args.num_prompts, image_size=side)
+    test = ShapesDataset("test", size=args.num_prompts, image_size=side, seed=args.scene_seed)
+    split = "test" if args.scene_seed is None else f"seed{args.scene_seed}"  # the FD reference cache key
     extractor = get_extractor("effnetlite0", device=args.device)
-    ref, _ = reference_stats("shapes" if side == 32 else f"shapes{side}", "test", extractor, images=test.images(),
+    ref, _ = reference_stats("shapes" if side == 32 else f"shapes{side}", split, extractor, images=test.images(),
                              n=args.num_prompts)
-    out = {"checkpoint": args.checkpoint, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
+    out = {"checkpoint": args.checkpoint, "prompts": split, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
            "temperature": args.temperature, "runs": []}
     defaults = pipe.sampling_defaults
     weights = [defaults.get("guidance", 0.0)] if args.guidance == "default" else [float(v) for v in args.guidance.split(",")]
@@ -74,7 +79,7 @@ def main(argv=None):
         seconds = time.time() - t0
         table = shapes_eval.evaluate([im.permute(1, 2, 0).numpy() for im in images], test.specs)
         fd = compare_stats(FeatureStats.from_features(extractor.extract(images).numpy()), ref)["value"]
-        print(f"\nguidance w={w:g} ({args.guidance_rule}), T={args.temperature}, {args.num_prompts} prompts, "
+        print(f"\nguidance w={w:g} ({args.guidance_rule}), T={args.temperature}, {args.num_prompts} {split} prompts, "
               f"{seconds:.0f}s sampling on {args.device}; FD-EffNetLite0 vs test scenes {fd:.1f}")
         print(shapes_eval.format_table(table))
         out["runs"].append({"guidance": w, "fd": fd, "overall": table["overall"],
