@@ -12,6 +12,7 @@ loss against CPU minutes, docs/images/quality_study_<study>.png.
 
     python benchmarks/quality_study.py --study mnist --steps 300 --num-samples 300
     python benchmarks/quality_study.py --study mnist --arms base,width256 --steps 300   # a subset
+    python benchmarks/quality_study.py --steps 1000 --num-samples 500 --device cuda      # every arm, on a GPU
 
 Runs train in `--runs-dir` (default runs/quality_<study>); an arm whose exported model exists is only
 re-scored, so an interrupted study continues where it stopped.
@@ -92,9 +93,9 @@ def run_arm(study: str, arm: str, base: str, overrides: dict, a) -> dict:
     sets = [f"{k}={_yaml_value(v)}" for k, v in {**overrides, "train.steps": a.steps,
                                                  "train.warmup_steps": min(100, a.steps // 6),
                                                  "train.out_dir": run_dir}.items()]
-    rec = {"study": study, "arm": arm, "overrides": overrides, "steps": a.steps}
+    rec = {"study": study, "arm": arm, "overrides": overrides, "steps": a.steps, "device": a.device}
     if not os.path.isdir(os.path.join(run_dir, "model")):
-        args = ["train", "--config", base, "--threads", "1", "--resume", "auto"]
+        args = ["train", "--config", base, "--threads", "1", "--resume", "auto", "--device", a.device]
         for s in sets:
             args += ["--set", s]
         seconds = _cli(args, log)
@@ -107,12 +108,13 @@ def run_arm(study: str, arm: str, base: str, overrides: dict, a) -> dict:
     losses = [r for r in rows if "loss" in r]
     rec["final_train_loss"] = sum(r["loss"] for r in losses[-4:]) / max(1, len(losses[-4:]))
     model_dir = os.path.join(run_dir, "model")
-    full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", "fd,pr,acc,nll"])
+    dev = ["--device", a.device]
+    full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", "fd,pr,acc,nll", *dev])
     guided = _eval(model_dir, os.path.join(run_dir, "eval_guided.json"), a.num_samples, log,
-                   ["--metrics", "acc", "--sample-arg", f"guidance={a.guidance}"])
+                   ["--metrics", "acc", "--sample-arg", f"guidance={a.guidance}", *dev])
     nll = full["nll"]
     rec.update({
-        "cpu_minutes": rec["train_seconds"] / 60,
+        "cpu_minutes" if a.device == "cpu" else "device_minutes": rec["train_seconds"] / 60,
         "nats_per_dim": (nll.get("nats_per_dim") or {}).get("mean"),
         "bits_per_dim": (nll.get("bits_per_dim") or {}).get("mean"),
         "space": nll.get("space"),
@@ -121,7 +123,7 @@ def run_arm(study: str, arm: str, base: str, overrides: dict, a) -> dict:
         "fd": full["fd"].get("value"), "fd_real": (full["fd"].get("real_baseline") or {}).get("value"),
         "precision": full["pr"].get("precision"), "recall": full["pr"].get("recall"),
     })
-    if a.peak:
+    if a.peak and a.device == "cpu":
         rec["flop_fraction_of_fp32_peak"] = _flop_fraction(run_dir, a.steps, _batch(base, overrides),
                                                            rec["train_seconds"], a.peak)
     return rec
@@ -134,7 +136,7 @@ def _batch(base: str, overrides: dict) -> int:
         return int(overrides.get("train.batch_size", yaml.safe_load(f)["train"]["batch_size"]))
 
 
-def plot(study: str, runs_dir: str, arms: list[str], path: str) -> None:
+def plot(study: str, runs_dir: str, arms: list[str], path: str, device: str = "cpu") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +153,7 @@ def plot(study: str, runs_dir: str, arms: list[str], path: str) -> None:
         if rows:
             t0 = rows[0]["time"]
             ax.plot([(r["time"] - t0) / 60 for r in rows], [r["loss"] for r in rows], label=arm)
-    ax.set_xlabel("CPU minutes (one thread, shared 2-core machine)")
+    ax.set_xlabel("CPU minutes (one thread, shared 2-core machine)" if device == "cpu" else f"{device} minutes")
     ax.set_ylabel("training loss (nats/dim)")
     ax.set_title(f"quality study: {study}")
     ax.legend(fontsize=7, ncol=2)
@@ -170,6 +172,8 @@ def main() -> None:
     p.add_argument("--runs-dir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul-peak measurement")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where arms train and are scored (cuda: all 12 MNIST arms fit a short GPU loan)")
     a = p.parse_args()
     base, arms = STUDIES[a.study]
     names = a.arms.split(",") if a.arms else list(arms)
@@ -178,7 +182,7 @@ def main() -> None:
         p.error(f"unknown arm(s) {sorted(unknown)}; known: {sorted(arms)}")
     a.runs_dir = a.runs_dir or os.path.join(ROOT, "runs", f"quality_{a.study}")
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"quality_study_{a.study}.json")
-    if a.peak:
+    if a.peak and a.device == "cpu":
         import torch
         from flops import measure_matmul_peak
 
@@ -197,8 +201,8 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"study": a.study, "base": base, "steps": a.steps, "num_samples": a.num_samples,
                        "fp32_matmul_peak_flops": a.peak or None, "arms": records}, f, indent=1)
-    plot(a.study, a.runs_dir, names, os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"))
-    cols = ["arm", "cpu_minutes", "nats_per_dim", "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real",
+    plot(a.study, a.runs_dir, names, os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"), a.device)
+    cols = ["arm", "cpu_minutes" if a.device == "cpu" else "device_minutes", "nats_per_dim", "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real",
             "precision", "recall"]
     print(" | ".join(cols))
     for r in records:
