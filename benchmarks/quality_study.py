@@ -173,7 +173,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul-peak measurement")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where arms train and are scored (cuda: all 12 MNIST arms fit a short GPU loan)")
+                   help="where arms train and are scored")
     a = p.parse_args()
     base, arms = STUDIES[a.study]
     names = a.arms.split(",") if a.arms else list(arms)
