@@ -10,6 +10,7 @@ alone. Also prints FD-EffNetLite0 against the real test scenes rendered at the m
 ``--prompt`` also scores one free prompt (the README's set-up prompt) on ``--prompt-images`` images.
 ``--guidance default`` uses the model's stored sampling defaults (model_index.json). ``--scene-seed S``
 draws the prompts from scenes of another seed: a validation set for choosing sampling settings.
+``--round-trip SIGMA`` scores the real scenes sent through the latent space instead: the decoder's ceiling.
 """
 from __future__ import annotations
 
@@ -19,6 +20,22 @@ import os
 import time
 
 import torch
+
+
+@torch.no_grad()
+def round_trip(pipe, scenes, sigma: float, batch_size: int) -> torch.Tensor:
+    """Real scenes -> latents + sigma noise -> the pipeline's own cleaning and decoder, in [-1, 1]: what a
+    flow whose samples were exactly the noisy latents of real scenes would score."""
+    from starflow.tasks import encode as E
+
+    g = torch.Generator().manual_seed(0)
+    images, out = scenes.images(), []
+    for i in range(0, len(images), batch_size):
+        z = E.to_model_space(pipe, images[i:i + batch_size])
+        x = z + sigma * torch.randn(z.shape, generator=g).to(z.device)
+        _, text = E.condition_args(pipe, len(x), prompt=scenes.captions[i:i + batch_size])
+        out.append(pipe.finish(x, text=text).cpu())
+    return torch.cat(out)
 
 
 def main(argv=None):
@@ -39,6 +56,9 @@ def main(argv=None):
     p.add_argument("--decoder", default=None, help="decode through this autoencoder of the same latent space")
     p.add_argument("--denoise", default=None, choices=["decoder", "tweedie", "none"],
                    help="how to clean the noisy latent (default: the model's own)")
+    p.add_argument("--round-trip", type=float, default=None, metavar="SIGMA",
+                   help="score the real prompt scenes sent through the model's latent space (encode, add SIGMA "
+                        "noise, clean and decode as samples are) instead of samples: the decoder's ceiling")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="benchmarks/results/shapes_eval.json")
@@ -61,26 +81,33 @@ def main(argv=None):
     extractor = get_extractor("effnetlite0", device=args.device)
     ref, _ = reference_stats("shapes" if side == 32 else f"shapes{side}", split, extractor, images=test.images(),
                              n=args.num_prompts)
-    out = {"checkpoint": args.checkpoint, "prompts": split, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
+    out = {"checkpoint": args.checkpoint, "prompts": split, "round_trip_sigma": args.round_trip, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
            "temperature": args.temperature, "runs": []}
     defaults = pipe.sampling_defaults
     weights = [defaults.get("guidance", 0.0)] if args.guidance == "default" else [float(v) for v in args.guidance.split(",")]
     if args.guidance == "default":
         args.temperature = defaults.get("temperature", args.temperature)
+    if args.round_trip is not None:
+        weights = [None]
     for w in weights:
         t0 = time.time()
-        chunks = []
-        for i in range(0, args.num_prompts, args.batch_size):
-            prompts = test.captions[i:i + args.batch_size]
-            chunks.append(pipe.sample(len(prompts), prompt=prompts, guidance=w, guidance_rule=args.guidance_rule,
-                                      temperature=args.temperature, device=args.device,
-                                      generator=torch.Generator(args.device).manual_seed(i)).cpu())
-        images = to_uint8(torch.cat(chunks))
+        if w is None:
+            images = to_uint8(round_trip(pipe, test, args.round_trip, args.batch_size))
+            what = f"real scenes through the latent space at sigma {args.round_trip:g} (decoder ceiling)"
+        else:
+            chunks = []
+            for i in range(0, args.num_prompts, args.batch_size):
+                prompts = test.captions[i:i + args.batch_size]
+                chunks.append(pipe.sample(len(prompts), prompt=prompts, guidance=w, guidance_rule=args.guidance_rule,
+                                          temperature=args.temperature, device=args.device,
+                                          generator=torch.Generator(args.device).manual_seed(i)).cpu())
+            images = to_uint8(torch.cat(chunks))
+            what = f"guidance w={w:g} ({args.guidance_rule}), T={args.temperature}"
         seconds = time.time() - t0
         table = shapes_eval.evaluate([im.permute(1, 2, 0).numpy() for im in images], test.specs)
         fd = compare_stats(FeatureStats.from_features(extractor.extract(images).numpy()), ref)["value"]
-        print(f"\nguidance w={w:g} ({args.guidance_rule}), T={args.temperature}, {args.num_prompts} {split} prompts, "
-              f"{seconds:.0f}s sampling on {args.device}; FD-EffNetLite0 vs test scenes {fd:.1f}")
+        print(f"\n{what}, {args.num_prompts} {split} prompts, "
+              f"{seconds:.0f}s on {args.device}; FD-EffNetLite0 vs test scenes {fd:.1f}")
         print(shapes_eval.format_table(table))
         out["runs"].append({"guidance": w, "fd": fd, "overall": table["overall"],
                             "categories": {c: v["accuracy"] for c, v in table["categories"].items()}})
