@@ -107,7 +107,7 @@ def main(argv=None):
         table = shapes_eval.evaluate([im.permute(1, 2, 0).numpy() for im in images], test.specs)
         fd = compare_stats(FeatureStats.from_features(extractor.extract(images).numpy()), ref)["value"]
         print(f"\n{what}, {args.num_prompts} {split} prompts, "
-              f"{seconds:.0f}s on {args.device}; FD-EffNetLite0 vs test scenes {fd:.1f}")
+              f"{seconds:.0f}s on {args.device}; FD-EffNetLite0 vs the {split} scenes {fd:.1f}")
         print(shapes_eval.format_table(table))
         out["runs"].append({"guidance": w, "fd": fd, "overall": table["overall"],
                             "categories": {c: v["accuracy"] for c, v in table["categories"].items()}})
