@@ -306,21 +306,24 @@ def shapes_section(args) -> None:
 
 # ------------------------------------------------------------------------------------------- editing
 
-def run_edits(pipe, data, guidance, batch):
-    """The pipeline's outputs for every (source, instruction) of ``data``, and the sources."""
-    src = torch.stack([data[i][0] for i in range(len(data))])
-    out = [pipe.edit(src[i:i + batch], data.instructions[i:i + batch], guidance=guidance,
-                     generator=torch.Generator().manual_seed(i)) for i in range(0, len(data), batch)]
-    return torch.cat(out), src
+def sources(data) -> torch.Tensor:
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
+def run_edits(pipe, src, instructions, guidance, batch):
+    """The pipeline's outputs for every (source, instruction) pair, in batches seeded by position."""
+    out = [pipe.edit(src[i:i + batch], instructions[i:i + batch], guidance=guidance,
+                     generator=torch.Generator().manual_seed(i)) for i in range(0, len(src), batch)]
+    return torch.cat(out)
 
 
 def tune_edit_guidance(pipe, val, batch, weights=(0.0, 1.0, 2.0, 3.0)) -> float:
     """Choose the edit guidance on validation edits (their own seed, disjoint from train and test)."""
     from starflow.tasks.editing import score_edit
 
-    scores = {}
+    scores, src = {}, sources(val)
     for w in weights:
-        out, src = run_edits(pipe, val, w, batch)
+        out = run_edits(pipe, src, val.instructions, w, batch)
         scores[w] = float(np.mean([score_edit(src[i], out[i], val.examples[i].instruction)["passed"]
                                    for i in range(len(val))]))
     best = max(scores, key=scores.get)
@@ -337,12 +340,12 @@ def edit_section(args) -> None:
     if args.edit_tune:
         args.edit_guidance = tune_edit_guidance(pipe, EditDataset("test", size=120, image_size=H, seed=99), args.batch)
     data = EditDataset("test", size=args.cases, image_size=H)
-    src = torch.stack([data[i][0] for i in range(len(data))])
+    src = sources(data)
     tgt = torch.stack([data[i][1] for i in range(len(data))])
     say(f"[3] edit model {args.edit_model} ({E.space(pipe)} space, {pipe.model.num_params() / 1e6:.2f}M params): "
         f"{len(data)} held-out edits, guidance {args.edit_guidance}")
     t0 = time.time()
-    out, _ = run_edits(pipe, data, args.edit_guidance, args.batch)
+    out = run_edits(pipe, src, data.instructions, args.edit_guidance, args.batch)
     dt = time.time() - t0
     say(f"    {'instruction type':<12}{'n':>5}{'model success':>16}{'rest kept':>11}{'oracle':>8}{'copy':>6}")
     for kind in EDIT_KINDS + ("all",):

@@ -28,11 +28,10 @@ from starflow.tasks import encode as E
 
 def calibration_set(pipe, dataset: str, n: int, noise_std: float, g: torch.Generator):
     """(model-space inputs as in training, condition kwargs) for ``n`` training examples."""
-    C, H, _ = pipe.image_shape
     if dataset == "shapes":
         from starflow.data.shapes import ShapesDataset
 
-        ds = ShapesDataset("train", size=n, image_size=H)
+        ds = ShapesDataset("train", size=n, image_size=pipe.image_shape[-1])
         images, cond = ds.images(), dict(prompt=ds.captions)
     else:
         from starflow.data import DigitsDataset

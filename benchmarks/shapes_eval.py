@@ -84,11 +84,13 @@ def main(argv=None):
     out = {"checkpoint": args.checkpoint, "prompts": split, "round_trip_sigma": args.round_trip, "decoder": args.decoder, "denoise": pipe.denoise, "n": args.num_prompts, "rule": args.guidance_rule,
            "temperature": args.temperature, "runs": []}
     defaults = pipe.sampling_defaults
-    weights = [defaults.get("guidance", 0.0)] if args.guidance == "default" else [float(v) for v in args.guidance.split(",")]
-    if args.guidance == "default":
-        args.temperature = defaults.get("temperature", args.temperature)
     if args.round_trip is not None:
-        weights = [None]
+        weights = [None]  # one run, of real scenes instead of samples
+    elif args.guidance == "default":
+        weights = [defaults.get("guidance", 0.0)]
+        args.temperature = defaults.get("temperature", args.temperature)
+    else:
+        weights = [float(v) for v in args.guidance.split(",")]
     for w in weights:
         t0 = time.time()
         if w is None:
