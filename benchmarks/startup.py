@@ -7,10 +7,10 @@ Times, interleaved round by round so that machine load hits every command alike 
 child's CPU time, which load disturbs less):
   * ``import torch``                       the reference
   * ``starflow --help``                    target <= 0.3x the reference
-  * ``starflow generate --prompt ...``     the shipped shapes model (latent: diffusers autoencoder, MiniLM
-                                           text encoder through transformers) end to end, target <= 1.5x
-  * ``starflow generate --class 3``        the shipped latent MNIST model (diffusers autoencoder, no text
-                                           encoder)
+  * ``starflow generate --prompt ...``     the shipped shapes model end to end (latent: autoencoder and MiniLM
+                                           text encoder, both through starflow's own modules since session 10,
+                                           diffusers and transformers before), target <= 1.5x
+  * ``starflow generate --class 3``        the shipped latent MNIST model (autoencoder, no text encoder)
   * ``starflow generate --model mnist-pixel --class 3``  pixel space: torch and starflow only
 Each command runs as a fresh process with one thread, from a temporary folder. ``starflow`` is the console
 script installed next to this Python (what a venv runs), not a version manager's shim in front of it,
@@ -80,6 +80,10 @@ def main() -> int:
     args = p.parse_args()
     starflow = starflow_command()
     base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if base.pop("PYTHONDONTWRITEBYTECODE", None):
+        # as in a default Python: the untimed first round writes the .pyc files (without them every command
+        # recompiles starflow's ~70 modules from source, ~0.2 s of CPU that no installed copy pays)
+        print("PYTHONDONTWRITEBYTECODE unset for the commands: bytecode cached as in a default environment")
     trees = [os.path.abspath(t) for t in args.tree] or [None]
     envs = {}
     for tree in trees:

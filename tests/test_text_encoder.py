@@ -1,6 +1,9 @@
 """Text encoders (MiniLM default, any transformers directory, T5) and the LM-initialised deep block."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -325,3 +328,53 @@ def test_precomputed_table_matches_live_encoder(tmp_path):
     assert (live.states - stored.states).abs().max().item() < 1e-2  # stored as fp16
     with pytest.raises(KeyError, match="not in the precomputed text table"):
         table.encode(["a yellow square"])
+
+
+# ---- starflow's own BERT (starflow.components.bert) against transformers on the MiniLM files ----------
+AWKWARD = SENTENCES + ["Ünïcödé CAFÉ naïve résumé!!", "x", "hello, world. it's 3:45pm -- ok?",
+                       "中文 字符 and an emoji 😀", "a " * 40, "  padded   with\tspaces\n"]
+
+
+def test_native_minilm_matches_transformers(minilm):
+    ref = TextEncoder.from_pretrained("minilm", backend="transformers")
+    assert type(minilm.model).__module__ == "starflow.components.bert"
+    assert type(ref.model).__module__.startswith("transformers.")
+    for prompt in AWKWARD[:3]:  # one string: flat ids, as transformers gives
+        assert minilm.tokenizer(prompt)["input_ids"] == ref.tokenizer(prompt)["input_ids"]
+    assert minilm.tokenizer(AWKWARD)["input_ids"] == ref.tokenizer(AWKWARD)["input_ids"]
+    for max_length in (8, 32):
+        a = minilm.tokenizer(AWKWARD, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        b = ref.tokenizer(AWKWARD, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 40-word prompt is truncated on both sides
+        ours, theirs = minilm.encode(AWKWARD), ref.encode(AWKWARD)
+    assert torch.equal(ours.mask, theirs.mask)
+    assert (ours.states - theirs.states).abs().max() <= 1e-4 and theirs.states.abs().max() > 1
+    assert minilm.dim == ref.dim == 384
+
+
+def test_native_text_encoder_backends_and_refusals(tmp_path, t5_dir):
+    with pytest.raises(ValueError, match="unknown text encoder backend"):
+        TextEncoder.from_pretrained("minilm", backend="onnx")
+    with pytest.raises(ValueError, match="only a BERT encoder"):
+        TextEncoder.from_pretrained(t5_dir, backend="native")
+    assert type(TextEncoder.from_pretrained(t5_dir).model).__module__.startswith("transformers.")  # auto falls back
+    # a BERT directory whose weights do not fit its config is refused, not half-loaded
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bert"
+    shutil.copytree(minilm_dir(), bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state.pop("encoder.layer.5.output.dense.bias")
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        TextEncoder.from_pretrained(str(bad))
+
+
+def test_minilm_loads_without_transformers():
+    code = ("import sys; from starflow.components.text_encoder import TextEncoder;"
+            "TextEncoder.from_pretrained('minilm').encode(['a red circle']);"
+            "print(sorted(m for m in ('transformers', 'torch._dynamo', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

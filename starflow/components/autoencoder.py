@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from starflow.components import autoencoder_kl
 from starflow.components.autoencoder_files import (  # noqa: F401  (constants kept importable here)
     DIFFUSERS_CONFIG,
     DIFFUSERS_WEIGHTS,
@@ -292,13 +293,20 @@ class Autoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, image_channels: int | None = None, latent_channels: int | None = None,
-                        device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> "Autoencoder":
+                        device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                        backend: str = "auto") -> "Autoencoder":
         """Load a diffusers-format autoencoder directory (``--vae PATH``).
 
         ``path`` may be the model directory itself or a diffusers pipeline directory with a ``vae/``
         sub-folder. ``image_channels``/``latent_channels``, when given, are checked against the config
         and a mismatch is a ``ValueError`` that names both numbers.
+
+        ``backend``: ``"diffusers"`` builds diffusers' class (what training uses); ``"native"`` starflow's own
+        ``AutoencoderKL`` (same weights and outputs, no diffusers import: seconds off every command that
+        samples); ``"auto"`` the native one when it covers the config, else diffusers.
         """
+        if backend not in ("auto", "native", "diffusers"):
+            raise ValueError(f"unknown autoencoder backend {backend!r}; expected auto, native or diffusers")
         directory = resolve_vae_dir(path)
         cfg = read_json(os.path.join(directory, DIFFUSERS_CONFIG))
         class_name = cfg.get("_class_name")
@@ -313,18 +321,12 @@ class Autoencoder(nn.Module):
             present = sorted(f for f in os.listdir(directory) if f != DIFFUSERS_CONFIG)
             raise FileNotFoundError(f"{directory} has no {DIFFUSERS_WEIGHTS} (expected diffusers-format safetensors "
                                     f"weights; found {present or 'nothing else'}). Pickled .bin weights are not loaded.")
-        model_cls = _diffusers_class(class_name)
-        try:
-            vae, info = model_cls.from_pretrained(directory, use_safetensors=True, local_files_only=True,
-                                                  low_cpu_mem_usage=False, output_loading_info=True,
-                                                  torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
-            raise ValueError(f"could not load {class_name} weights from {directory}: {e}") from e
-        missing = list(info.get("missing_keys", []))
-        mismatched = list(info.get("mismatched_keys", []))
-        if missing or mismatched:
-            raise ValueError(f"weights in {directory} do not match its config.json: missing {missing[:5]}, "
-                             f"mismatched {mismatched[:5]}")
+        if backend == "native" and not autoencoder_kl.supports(cfg):
+            raise ValueError(f"{directory}: this {class_name} layout needs diffusers (backend='diffusers' or 'auto')")
+        if backend != "diffusers" and autoencoder_kl.supports(cfg):
+            vae = autoencoder_kl.AutoencoderKL.from_pretrained(directory, cfg, weights, dtype)
+        else:
+            vae = _load_diffusers(directory, class_name, dtype)
 
         check_finite(vae.state_dict(), f"weights of {directory}")
         side = {}
@@ -341,16 +343,24 @@ class Autoencoder(nn.Module):
         return ae
 
 
-def _diffusers_class(class_name: str):
-    """The one diffusers autoencoder class needed, from its own module: the package root would import
-    diffusers' whole pipeline tree (several seconds on every command that loads a latent model)."""
+def _load_diffusers(directory: str, class_name: str, dtype: torch.dtype) -> nn.Module:
+    """diffusers' own class, imported from its module: the package root would import diffusers' whole
+    pipeline tree (several seconds on every command that loads a latent model)."""
     if class_name == "AutoencoderKL":
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-
-        return AutoencoderKL
-    from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
-
-    return AutoencoderTiny
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL as model_cls
+    else:
+        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny as model_cls
+    try:
+        vae, info = model_cls.from_pretrained(directory, use_safetensors=True, local_files_only=True,
+                                              low_cpu_mem_usage=False, output_loading_info=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise ValueError(f"could not load {class_name} weights from {directory}: {e}") from e
+    missing = list(info.get("missing_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ValueError(f"weights in {directory} do not match its config.json: missing {missing[:5]}, "
+                         f"mismatched {mismatched[:5]}")
+    return vae
 
 
 def default_autoencoder_dir(name: str = "mnist") -> str:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from starflow.components import bert
 from starflow.components.text_weights import _EmbeddingsOnly, _require_safetensors, load_encoder_model, minilm_dir
 from starflow.errors import CheckpointError
 
@@ -103,14 +104,18 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str = MINILM, max_length: int = 32, mode: str = "hidden",
                         device=None, dtype: torch.dtype | None = None, cache_size: int = 4096,
-                        gguf_file: str | None = None) -> "TextEncoder":
+                        gguf_file: str | None = None, backend: str = "auto") -> "TextEncoder":
         """``"minilm"`` (default) or a local transformers directory (encoder, encoder-decoder, causal LM).
 
         ``gguf_file``: a GGUF file inside that directory, read through transformers' GGUF support (needs
         the ``gguf`` and ``accelerate`` packages; weights are de-quantised to float on load).
-        """
-        from transformers import AutoTokenizer
 
+        ``backend``: ``"transformers"`` loads through transformers; ``"native"`` starflow's own BERT
+        encoder and the ``tokenizers`` package (same ids and states, no transformers import: seconds off
+        every prompt from the command line); ``"auto"`` the native one where it covers the directory.
+        """
+        if backend not in ("auto", "native", "transformers"):
+            raise ValueError(f"unknown text encoder backend {backend!r}; expected auto, native or transformers")
         if str(name_or_path).startswith("table:"):
             return PrecomputedTextEncoder(str(name_or_path)[len("table:"):], max_length)
         if name_or_path == MINILM:
@@ -125,8 +130,18 @@ class TextEncoder(nn.Module):
         kw = {"gguf_file": gguf_file} if gguf_file else {}
         if not gguf_file:
             _require_safetensors(path)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
-        enc = cls(load_encoder_model(path, mode, gguf_file), tokenizer, max_length, source, mode, cache_size, gguf_file)
+        native = mode == "hidden" and not gguf_file and bert.supports(path)
+        if backend == "native" and not native:
+            raise ValueError(f"{path}: only a BERT encoder in hidden mode loads without transformers "
+                             "(backend='transformers' or 'auto')")
+        if native and backend != "transformers":
+            model, tokenizer = bert.BertEncoder.from_pretrained(path), bert.WordPieceTokenizer(path)
+        else:
+            from transformers import AutoTokenizer
+
+            model = load_encoder_model(path, mode, gguf_file)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+        enc = cls(model, tokenizer, max_length, source, mode, cache_size, gguf_file)
         if dtype is not None:
             enc.model.to(dtype)
         if device is not None:
