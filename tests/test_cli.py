@@ -57,7 +57,10 @@ def test_nll_summary_hand_computed():
     s = spread_summary(torch.arange(1, 201, dtype=torch.float64))  # 1..200
     assert s["mean"] == 100.5 and s["max"] == 200 and s["median"] == 101 and s["p99"] == 198
     assert s["mean_without_top1pct"] == 99.5  # 1..198
-    assert abs(s["ci95"] - 1.96 * torch.arange(1, 201, dtype=torch.float64).std().item() / 200 ** 0.5) < 1e-12
+    # Student-t half-width, t_{0.975, 199} = 1.9719565
+    assert abs(s["ci95"] - 1.9719565 * torch.arange(1, 201, dtype=torch.float64).std().item() / 200 ** 0.5) < 1e-5
+    with_inf = spread_summary(torch.tensor([1.0, 2.0, float("inf")]))
+    assert with_inf["mean"] == with_inf["ci95"] == float("inf") and with_inf["median"] == 2.0
 
 
 def test_train_cli_with_overrides(tmp_path, capsys):

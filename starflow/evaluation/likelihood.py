@@ -33,17 +33,24 @@ def mean_with_ci(values, confidence: float = 0.95) -> dict:
 
 
 def spread_summary(values) -> dict:
-    """Mean with its 95% normal CI, and the quantiles that show a heavy tail, of per-example values.
+    """``mean_with_ci``'s mean and the half-width of its 95% Student-t interval (``ci95``), and the
+    quantiles that show a heavy tail, of per-example values.
 
     Unlike ``mean_with_ci`` it accepts inf (a model that maps some image out of range must still be
-    scored), so its CI is the normal one, not Student-t."""
+    scored): the mean and the half-width are then inf."""
     v = values.double().sort().values
     n = len(v)
     q = lambda f: float(v[min(n - 1, int(f * (n - 1) + 0.5))])  # nearest-rank quantile
     keep = v[: n - n // 100]  # the top 1% dropped (nothing below 100 images)
-    return {"n": n, "mean": float(v.mean()), "ci95": 1.96 * float(v.std()) / math.sqrt(n) if n > 1 else float("nan"),
-            "median": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": float(v[-1]),
-            "mean_without_top1pct": float(keep.mean())}
+    if n < 2:
+        half = float("nan")
+    elif not bool(torch.isfinite(v).all()):
+        half = float("inf")
+    else:
+        lo, hi = mean_with_ci(v)["ci95"]
+        half = (hi - lo) / 2
+    return {"n": n, "mean": float(v.mean()), "ci95": half, "median": q(0.5), "p90": q(0.9), "p99": q(0.99),
+            "max": float(v[-1]), "mean_without_top1pct": float(keep.mean())}
 
 
 def evaluate_nll(fn, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 100,
