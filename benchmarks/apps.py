@@ -310,25 +310,27 @@ def sources(data) -> torch.Tensor:
     return torch.stack([data[i][0] for i in range(len(data))])
 
 
-def run_edits(pipe, src, instructions, guidance, batch):
+def run_edits(pipe, src, instructions, guidance, batch, temperature=1.0):
     """The pipeline's outputs for every (source, instruction) pair, in batches seeded by position."""
-    out = [pipe.edit(src[i:i + batch], instructions[i:i + batch], guidance=guidance,
+    out = [pipe.edit(src[i:i + batch], instructions[i:i + batch], guidance=guidance, temperature=temperature,
                      generator=torch.Generator().manual_seed(i)) for i in range(0, len(src), batch)]
     return torch.cat(out)
 
 
-def tune_edit_guidance(pipe, val, batch, weights=(0.0, 1.0, 2.0, 3.0)) -> float:
-    """Choose the edit guidance on validation edits (their own seed, disjoint from train and test)."""
+def tune_edit_settings(pipe, val, batch, weights=(0.0, 1.0, 2.0, 3.0), temperatures=(1.0, 0.6, 0.3)):
+    """Choose the edit (guidance, temperature) on validation edits (their own seed, disjoint from train and
+    test)."""
     from starflow.tasks.editing import score_edit
 
     scores, src = {}, sources(val)
-    for w in weights:
-        out = run_edits(pipe, src, val.instructions, w, batch)
-        scores[w] = float(np.mean([score_edit(src[i], out[i], val.examples[i].instruction)["passed"]
-                                   for i in range(len(val))]))
+    for t in temperatures:
+        for w in weights:
+            out = run_edits(pipe, src, val.instructions, w, batch, t)
+            scores[w, t] = float(np.mean([score_edit(src[i], out[i], val.examples[i].instruction)["passed"]
+                                          for i in range(len(val))]))
     best = max(scores, key=scores.get)
-    say(f"    guidance chosen on {len(val)} validation edits (seed {val.seed}): "
-        + ", ".join(f"w {w:g}: {v:.3f}" for w, v in scores.items()) + f" -> w {best:g}")
+    say(f"    settings chosen on {len(val)} validation edits (seed {val.seed}): "
+        + ", ".join(f"w {w:g} T {t:g}: {v:.3f}" for (w, t), v in scores.items()) + f" -> w {best[0]:g}, T {best[1]:g}")
     return best
 
 
@@ -338,14 +340,15 @@ def edit_section(args) -> None:
     pipe = EditPipeline.from_pretrained(args.edit_model)
     C, H, _ = pipe.image_shape
     if args.edit_tune:
-        args.edit_guidance = tune_edit_guidance(pipe, EditDataset("test", size=120, image_size=H, seed=99), args.batch)
+        args.edit_guidance, args.edit_temperature = tune_edit_settings(
+            pipe, EditDataset("test", size=120, image_size=H, seed=99), args.batch)
     data = EditDataset("test", size=args.cases, image_size=H)
     src = sources(data)
     tgt = torch.stack([data[i][1] for i in range(len(data))])
     say(f"[3] edit model {args.edit_model} ({E.space(pipe)} space, {pipe.model.num_params() / 1e6:.2f}M params): "
-        f"{len(data)} held-out edits, guidance {args.edit_guidance}")
+        f"{len(data)} held-out edits, guidance {args.edit_guidance}, temperature {args.edit_temperature}")
     t0 = time.time()
-    out = run_edits(pipe, src, data.instructions, args.edit_guidance, args.batch)
+    out = run_edits(pipe, src, data.instructions, args.edit_guidance, args.batch, args.edit_temperature)
     dt = time.time() - t0
     say(f"    {'instruction type':<12}{'n':>5}{'model success':>16}{'rest kept':>11}{'oracle':>8}{'copy':>6}")
     for kind in EDIT_KINDS + ("all",):
@@ -373,7 +376,9 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="choose the MNIST 'tuned' row on train-split digits instead")
     p.add_argument("--shapes-guidance", type=float, default=2.0)
     p.add_argument("--edit-guidance", type=float, default=1.0)
-    p.add_argument("--edit-tune", action="store_true", help="choose the edit guidance on 120 validation edits instead")
+    p.add_argument("--edit-temperature", type=float, default=1.0)
+    p.add_argument("--edit-tune", action="store_true",
+                   help="choose the edit guidance and temperature on 120 validation edits instead")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--mnist-model", default=PIXEL_DIGITS_MODEL)
     p.add_argument("--shapes-model", default=DEFAULT_TEXT_MODEL)

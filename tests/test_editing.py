@@ -222,3 +222,18 @@ def test_edit_cli(tmp_path, monkeypatch, capsys):
     assert "empty instruction" in capsys.readouterr().err
     assert main(["edit", "--image", str(src), "--instruction", "remove the square", "--model", str(tmp_path / "none")]) == 2
     assert "edit model not found" in capsys.readouterr().err
+
+
+def test_edit_takes_the_model_s_stored_settings():
+    """Settings left unset come from model_index.json's "sampling" (the CLI passes None too)."""
+    torch.manual_seed(0)
+    pipe = EditPipeline(perturbed(EditSTARFlow(_cfg(image_size=32, patch_size=8)), 0.02), text_encoder=StubText(),
+                        sampling={"guidance": 1.5, "temperature": 0.3})
+    data = EditDataset("test", size=2)
+    src = torch.stack([data[i][0] for i in range(2)])
+
+    def edit(**kw):
+        return pipe.edit(src, data.instructions, generator=torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(edit(), edit(guidance=1.5, temperature=0.3))
+    assert not torch.equal(edit(), edit(guidance=0.0, temperature=1.0))

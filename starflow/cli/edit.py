@@ -8,6 +8,8 @@ MAX_IMAGES = 64
 
 
 def add_parser(sub, name):
+    from starflow.io.shipped import sampling_help  # lazy: sub-command help must not import torch
+
     p = add_command(sub, name, "edit an image by a text instruction (shapes world)", description=__doc__)
     p.add_argument("--image", required=True, help="PNG/JPEG file")
     p.add_argument("--instruction", required=True, help="e.g. 'make the circle blue', 'remove the square', "
@@ -15,8 +17,9 @@ def add_parser(sub, name):
     p.add_argument("--out", default="edited.png", help="output PNG (a grid with --num-images > 1)")
     add_model_arg(p, "edit")
     p.add_argument("--num-images", "-n", type=int, default=1, help="edits to draw")
-    p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w >= 0 on the instruction")
-    p.add_argument("--temperature", type=float, default=1.0, help="noise scale T")
+    p.add_argument("--guidance", type=float, help="guidance weight w >= 0 on the instruction "
+                                                   f"(default: {sampling_help('guidance', 0.0, ('edit',))})")
+    p.add_argument("--temperature", type=float, help=f"noise scale T (default: {sampling_help('temperature', 1.0, ('edit',))})")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--check", action="store_true",
                    help="report the change ShapesEval's detector sees between the input and each output")

@@ -64,7 +64,8 @@ def shipped_sampling(name: str) -> dict:
         return {}
 
 
-def sampling_help(key: str, fallback) -> str:
-    """'the model's own (mnist 2.0, shapes 1.0), else X' for --help texts."""
-    own = [f"{n} {shipped_sampling(n)[key]}" for n in SHIPPED if key in shipped_sampling(n)]
+def sampling_help(key: str, fallback, names=("mnist", "mnist-pixel", "shapes")) -> str:
+    """'the model's own (mnist 2.0, shapes 1.0), else X' for --help texts (``names``: the shipped models
+    the command takes; the edit model has its own command)."""
+    own = [f"{n} {shipped_sampling(n)[key]}" for n in names if key in shipped_sampling(n)]
     return f"the model's own ({', '.join(own)}), else {fallback}" if own else str(fallback)

@@ -39,8 +39,13 @@ class EditPipeline(StarflowPipeline):
     preview_sources: torch.Tensor | None = None
 
     @torch.no_grad()
-    def edit(self, images: torch.Tensor, instructions, guidance: float = 0.0, guidance_rule: str = "starflow",
-             temperature: float = 1.0, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    def edit(self, images: torch.Tensor, instructions, guidance: float | None = None, guidance_rule: str | None = None,
+             temperature: float | None = None, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+        """Settings left None take the model's own (``sampling_defaults``: model_index.json, else the library's)."""
+        d = self.sampling_defaults
+        guidance = d["guidance"] if guidance is None else guidance
+        guidance_rule = d["guidance_rule"] if guidance_rule is None else guidance_rule
+        temperature = d["temperature"] if temperature is None else temperature
         images = check_images(self, images)
         x = self.sample(images.shape[0], prompt=instructions, source=images, guidance=guidance,
                         guidance_rule=guidance_rule, temperature=temperature, generator=generator, **kwargs)
