@@ -4,10 +4,9 @@
 
 Two views, each from fresh processes with one thread:
   * stages: the command's steps timed inside one process (CPU and wall seconds, medians over the rounds),
-    in the order the command meets them: import torch, import starflow, import the diffusers autoencoder
-    class, import the transformers text-encoder classes (what diffusers has not already imported), load the
-    shapes pipeline's weights, sample 4 images, write the PNG. A module shared by two stages is paid by
-    the first.
+    in the order the command meets them: import torch, import starflow, load the shapes pipeline (flow,
+    autoencoder and MiniLM through starflow's own modules: no diffusers or transformers since session 10),
+    sample 4 images, write the PNG. A module shared by two stages is paid by the first.
   * libraries: one run of the real command under ``python -X importtime``, its import self-times summed
     per library (torch split by sub-package). importtime inflates every import a little; read the shares.
 Complements ``benchmarks/startup.py`` (the end-to-end ratios to ``import torch``).
@@ -38,12 +37,6 @@ mark("import torch")
 torch.set_num_threads(1)
 import starflow.cli.generate, starflow.pipeline, starflow.io.images, starflow.components.autoencoder
 mark("import starflow")
-from starflow.components.autoencoder import _diffusers_class
-_diffusers_class("AutoencoderKL")
-mark("import diffusers AutoencoderKL")
-from transformers import AutoModel, AutoTokenizer
-import transformers.models.bert.modeling_bert, transformers.models.bert.tokenization_bert
-mark("import transformers BERT classes")
 from starflow.pipeline import StarflowPipeline
 pipe = StarflowPipeline.from_pretrained("shapes")
 mark("load shapes pipeline")
@@ -52,7 +45,7 @@ mark("sample 4 images")
 from starflow.io.images import save_images
 save_images(images, "stages.png")
 mark("write PNG")
-heavy = ["torch._dynamo", "sympy", "scipy", "scipy.stats", "torch.distributed.tensor", "transformers.modeling_utils"]
+heavy = ["torch._dynamo", "sympy", "scipy", "scipy.stats", "torch.distributed.tensor", "diffusers", "transformers"]
 print(json.dumps({{"stages": out, "loaded": [m for m in heavy if m in sys.modules]}}))
 """
 
