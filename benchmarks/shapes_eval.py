@@ -111,7 +111,10 @@ def main(argv=None):
         print(f"\n{what}, {args.num_prompts} {split} prompts, "
               f"{seconds:.0f}s on {args.device}; FD-EffNetLite0 vs the {split} scenes {fd:.1f}")
         print(shapes_eval.format_table(table))
-        out["runs"].append({"guidance": w, "fd": fd, "overall": table["overall"],
+        reasons = shapes_eval.failure_reasons(table)
+        print("failures by first reason (" + ", ".join(shapes_eval.REASONS) + "): " + "; ".join(
+            f"{c} " + "/".join(str(v[k]) for k in shapes_eval.REASONS) for c, v in reasons.items()))
+        out["runs"].append({"guidance": w, "fd": fd, "overall": table["overall"], "failures": reasons,
                             "categories": {c: v["accuracy"] for c, v in table["categories"].items()}})
         if args.grid and len(out["runs"]) == 1:
             save_images(images[:16], args.grid, nrow=4)

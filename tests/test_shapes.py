@@ -32,10 +32,12 @@ from starflow.evaluation.shapes_eval import (
     degrade,
     detect_objects,
     evaluate,
+    failure_reasons,
     format_table,
     score,
     spec_from_prompt,
     spec_satisfies_claim,
+    tabulate,
 )
 
 PER_CATEGORY = 200
@@ -246,6 +248,22 @@ def test_scorer_rejects_corrupted_scenes(test_specs):
     for kind in ("colour", "count", "position", "binding", "shape"):
         assert any(k == kind for _, k in total)
     assert min(rates.values()) >= 0.95, rates
+
+
+def test_failure_reasons_name_the_corruption(test_specs):
+    """A mirrored position scene fails on its relation; swapped colours fail as a colour (binding) error;
+    a removed object as a count or a missing shape; passed images are not counted."""
+    rng = np.random.default_rng(2)
+    by_cat = _by_category(test_specs, 30)
+    cases = {("position", "position"): "relation", ("color_attr", "binding"): "colour", ("colors", "shape"): "missing"}
+    for (cat, kind), reason in cases.items():
+        bad = [corrupt_spec(s, kind, rng) for s in by_cat[cat]]
+        table = tabulate([score(render_spec(b, 32), b) for b in bad])
+        counts = failure_reasons(table)[cat]
+        failed = len(bad) - table["categories"][cat]["passed"]
+        assert sum(counts.values()) == failed and counts[reason] >= 0.9 * failed, (cat, kind, counts)
+    good = tabulate([score(render_spec(s, 32), s) for s in by_cat["position"][:5]])
+    assert failure_reasons(good) == {}
 
 
 def test_position_and_binding_checks_are_specific():

@@ -151,6 +151,35 @@ def tabulate(results) -> dict:
     }
 
 
+REASONS = ("missing", "colour", "count", "relation")
+
+
+def failure_reasons(table: dict) -> dict:
+    """Why images failed, per category: ``{category: {reason: n}}`` over the failed images of a
+    :func:`tabulate` table, each counted once under the first reason that applies, in this order:
+    ``missing`` (a required shape is absent in every colour), ``colour`` (the shape is there but not in the
+    required colour: for two-object prompts, a binding error), ``count`` (the right objects in the wrong
+    number), ``relation`` (every object right, their relation wrong)."""
+    out: dict = {}
+    for r in table["results"]:
+        if r["passed"]:
+            continue
+        d = r["details"]
+        shapes = {det["shape"] for det in d.get("detections", [])}
+        bad = [it for it in d["items"] if not it["ok"]]
+        if any(it["shape"] not in shapes for it in bad):
+            why = "missing"
+        elif any(it["found"] == 0 for it in bad):
+            why = "colour"
+        elif bad:
+            why = "count"
+        else:
+            why = "relation"
+        counts = out.setdefault(r["category"], dict.fromkeys(REASONS, 0))
+        counts[why] += 1
+    return out
+
+
 def format_table(table: dict, title: str | None = None) -> str:
     lines = [title] if title else []
     lines.append(f"{'category':<15}{'n':>6}{'accuracy':>10}")
