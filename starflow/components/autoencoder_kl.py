@@ -127,8 +127,9 @@ class Stage(nn.Module):
     def forward(self, x):
         for r in self.resnets:
             x = r(x)
-        for s in getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None) or ():
-            x = s(x)
+        for name in ("downsamplers", "upsamplers"):  # diffusers' names, kept for its state dicts
+            if hasattr(self, name):
+                x = getattr(self, name)[0](x)
         return x
 
 
