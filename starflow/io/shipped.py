@@ -64,8 +64,9 @@ def shipped_sampling(name: str) -> dict:
         return {}
 
 
-def sampling_help(key: str, fallback, names=("mnist", "mnist-pixel", "shapes")) -> str:
+def sampling_help(key: str, fallback, names=None) -> str:
     """'the model's own (mnist 2.0, shapes 1.0), else X' for --help texts (``names``: the shipped models
-    the command takes; the edit model has its own command)."""
-    own = [f"{n} {shipped_sampling(n)[key]}" for n in names if key in shipped_sampling(n)]
+    the command takes; default: all but ``edit``, which has its own command)."""
+    stored = {n: shipped_sampling(n) for n in (names or [n for n in SHIPPED if n != "edit"])}
+    own = [f"{n} {d[key]}" for n, d in stored.items() if key in d]
     return f"the model's own ({', '.join(own)}), else {fallback}" if own else str(fallback)
