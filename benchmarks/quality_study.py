@@ -25,14 +25,27 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# study -> (base recipe, {arm: overrides}). Arms change one thing against "base" (the latent recipe
-# of configs/mnist_latent.yaml: 4x7x7 latents, sigma 0.3, width 192, deep 6 + 3 shallow blocks).
+@dataclass
+class Study:
+    """One recipe (`base` + `common` overrides) and its arms, each changing one thing against it.
+
+    `metrics` are what `starflow eval` scores (an unconditional pixel study has no classes to check);
+    an arm may set its own `train.steps` so that arms of different cost get the same CPU minutes.
+    """
+    base: str
+    arms: dict
+    common: dict = field(default_factory=dict)
+    metrics: str = "fd,pr,acc,nll"
+
+
 STUDIES = {
-    "mnist": ("configs/mnist_latent.yaml", {
+    # The latent recipe of configs/mnist_latent.yaml: 4x7x7 latents, sigma 0.3, width 192, deep 6 + 3 shallow.
+    "mnist": Study("configs/mnist_latent.yaml", {
         "base": {},
         "width128": {"model.width": 128},
         "width256": {"model.width": 256},
@@ -47,6 +60,15 @@ STUDIES = {
         "pixel": {"model.in_channels": 1, "model.image_size": 28, "model.patch_size": 4,
                   "train.autoencoder": None, "train.decoder": None, "train.noise_std": 0.1},
     }),
+    # Pixel-space likelihood (uniform dequantisation only) on one-pixel shifts of the 4,500 digits; each
+    # arm's steps give it about 10 CPU minutes at its measured one-thread speed (base 126 images/s,
+    # width256 34, patch2 24, blocks8 77), so the arms compare at equal compute, not equal steps.
+    "pixel": Study("configs/mnist_pixel_likelihood.yaml", {
+        "base": {"train.steps": 1150},
+        "width256": {"model.width": 256, "model.head_dim": 64, "train.steps": 320},    # 6.4 M parameters
+        "patch2": {"model.patch_size": 2, "train.steps": 230},                          # 196 tokens of 4 dims
+        "blocks8": {"model.num_blocks": 8, "train.steps": 720},                          # 7 shallow blocks
+    }, common={"train.shift_augment": 1, "train.ema_decay": 0.995}, metrics="nll"),
 }
 
 
@@ -86,16 +108,17 @@ def _flop_fraction(run_dir: str, steps: int, batch: int, seconds: float, peak: f
     return 3 * fwd * batch * steps / seconds / peak  # forward + backward ~ 3x forward
 
 
-def run_arm(study: str, arm: str, base: str, overrides: dict, a) -> dict:
+def run_arm(name: str, arm: str, study: Study, a) -> dict:
     run_dir = os.path.join(a.runs_dir, arm)
     log = os.path.join(run_dir + ".log")
     os.makedirs(a.runs_dir, exist_ok=True)
-    sets = [f"{k}={_yaml_value(v)}" for k, v in {**overrides, "train.steps": a.steps,
-                                                 "train.warmup_steps": min(100, a.steps // 6),
+    overrides = {"train.steps": a.steps, **study.common, **study.arms[arm]}
+    steps = overrides["train.steps"]
+    sets = [f"{k}={_yaml_value(v)}" for k, v in {**overrides, "train.warmup_steps": min(100, steps // 6),
                                                  "train.out_dir": run_dir}.items()]
-    rec = {"study": study, "arm": arm, "overrides": overrides, "steps": a.steps, "device": a.device}
+    rec = {"study": name, "arm": arm, "overrides": overrides, "steps": steps, "device": a.device}
     if not os.path.isdir(os.path.join(run_dir, "model")):
-        args = ["train", "--config", base, "--threads", "1", "--resume", "auto", "--device", a.device]
+        args = ["train", "--config", study.base, "--threads", "1", "--resume", "auto", "--device", a.device]
         for s in sets:
             args += ["--set", s]
         seconds = _cli(args, log)
@@ -109,22 +132,24 @@ def run_arm(study: str, arm: str, base: str, overrides: dict, a) -> dict:
     rec["final_train_loss"] = sum(r["loss"] for r in losses[-4:]) / max(1, len(losses[-4:]))
     model_dir = os.path.join(run_dir, "model")
     dev = ["--device", a.device]
-    full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", "fd,pr,acc,nll", *dev])
-    guided = _eval(model_dir, os.path.join(run_dir, "eval_guided.json"), a.num_samples, log,
-                   ["--metrics", "acc", "--sample-arg", f"guidance={a.guidance}", *dev])
+    full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", study.metrics, *dev])
+    guided = {"acc": {}}
+    if "acc" in study.metrics.split(","):
+        guided = _eval(model_dir, os.path.join(run_dir, "eval_guided.json"), a.num_samples, log,
+                       ["--metrics", "acc", "--sample-arg", f"guidance={a.guidance}", *dev])
     nll = full["nll"]
     rec.update({
         "cpu_minutes" if a.device == "cpu" else "device_minutes": rec["train_seconds"] / 60,
         "nats_per_dim": (nll.get("nats_per_dim") or {}).get("mean"),
         "bits_per_dim": (nll.get("bits_per_dim") or {}).get("mean"),
         "space": nll.get("space"),
-        "acc_unguided": full["acc"].get("accuracy"),
+        "acc_unguided": full.get("acc", {}).get("accuracy"),
         f"acc_w{a.guidance:g}": guided["acc"].get("accuracy"),
-        "fd": full["fd"].get("value"), "fd_real": (full["fd"].get("real_baseline") or {}).get("value"),
-        "precision": full["pr"].get("precision"), "recall": full["pr"].get("recall"),
+        "fd": full.get("fd", {}).get("value"), "fd_real": (full.get("fd", {}).get("real_baseline") or {}).get("value"),
+        "precision": full.get("pr", {}).get("precision"), "recall": full.get("pr", {}).get("recall"),
     })
     if a.peak and a.device == "cpu":
-        rec["flop_fraction_of_fp32_peak"] = _flop_fraction(run_dir, a.steps, _batch(base, overrides),
+        rec["flop_fraction_of_fp32_peak"] = _flop_fraction(run_dir, steps, _batch(study.base, overrides),
                                                            rec["train_seconds"], a.peak)
     return rec
 
@@ -175,11 +200,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where arms train and are scored")
     a = p.parse_args()
-    base, arms = STUDIES[a.study]
-    names = a.arms.split(",") if a.arms else list(arms)
-    unknown = set(names) - set(arms)
+    study = STUDIES[a.study]
+    names = a.arms.split(",") if a.arms else list(study.arms)
+    unknown = set(names) - set(study.arms)
     if unknown:
-        p.error(f"unknown arm(s) {sorted(unknown)}; known: {sorted(arms)}")
+        p.error(f"unknown arm(s) {sorted(unknown)}; known: {sorted(study.arms)}")
     a.runs_dir = a.runs_dir or os.path.join(ROOT, "runs", f"quality_{a.study}")
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"quality_study_{a.study}.json")
     if a.peak and a.device == "cpu":
@@ -194,12 +219,12 @@ def main() -> None:
         with open(out) as f:
             records = [r for r in json.load(f)["arms"] if r["arm"] not in names]
     for arm in names:
-        print(f"[{time.strftime('%H:%M:%S')}] arm {arm}: {arms[arm]}", flush=True)
-        rec = run_arm(a.study, arm, base, arms[arm], a)
+        print(f"[{time.strftime('%H:%M:%S')}] arm {arm}: {study.arms[arm]}", flush=True)
+        rec = run_arm(a.study, arm, study, a)
         records.append(rec)
         print(json.dumps(rec), flush=True)
         with open(out, "w") as f:
-            json.dump({"study": a.study, "base": base, "steps": a.steps, "num_samples": a.num_samples,
+            json.dump({"study": a.study, "base": study.base, "common": study.common, "steps": a.steps, "num_samples": a.num_samples,
                        "fp32_matmul_peak_flops": a.peak or None, "arms": records}, f, indent=1)
     plot(a.study, a.runs_dir, names, os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"), a.device)
     cols = ["arm", "cpu_minutes" if a.device == "cpu" else "device_minutes", "nats_per_dim", "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real",
