@@ -227,8 +227,8 @@ def main() -> None:
             json.dump({"study": a.study, "base": study.base, "common": study.common, "steps": a.steps, "num_samples": a.num_samples,
                        "fp32_matmul_peak_flops": a.peak or None, "arms": records}, f, indent=1)
     plot(a.study, a.runs_dir, names, os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"), a.device)
-    cols = ["arm", "cpu_minutes" if a.device == "cpu" else "device_minutes", "nats_per_dim", "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real",
-            "precision", "recall"]
+    cols = ["arm", "steps", "cpu_minutes" if a.device == "cpu" else "device_minutes", "nats_per_dim", "bits_per_dim",
+            "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real", "precision", "recall"]
     print(" | ".join(cols))
     for r in records:
         print(" | ".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))

@@ -1,7 +1,8 @@
 """``starflow finetune-decoder``: fine-tune only the decoder of an autoencoder to map noisy latents
-z + σε back to the image (STARFlow's way of cleaning a noisy flow sample). Writes a full autoencoder
-directory whose encoder weights are bit-identical to the original's (checked after saving), plus
-``metrics.json`` and ``RECIPE.md``."""
+z + σε back to the image (STARFlow's way of cleaning a noisy flow sample), or, with ``--clean-with
+MODEL``, to map those latents after MODEL's own Tweedie step back to the image (what MODEL's pipeline
+decodes when it samples with ``denoise: tweedie``). Writes a full autoencoder directory whose encoder
+weights are bit-identical to the original's (checked after saving), plus ``metrics.json`` and ``RECIPE.md``."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", required=True,
                    help="autoencoder directory (diffusers format) or a shipped name (mnist, shapes)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--sigma", type=float, default=0.3, help="latent noise std (normalised latent units)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="latent noise std (normalised latent units; default 0.3, or the --clean-with flow's own)")
     p.add_argument("--dataset", default=None, help="default: the dataset recorded with the autoencoder")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -32,6 +34,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                    help="> 0: also train against a patch discriminator (hinge loss, scaled to the reconstruction "
                         "loss's gradient) to push the decoder towards sharp, data-like images (default: 0, off)")
     p.add_argument("--adv-start", type=int, default=0, help="step from which the adversarial term is used")
+    p.add_argument("--clean-with", default=None, metavar="MODEL",
+                   help="a latent flow (folder or shipped name) over this autoencoder's latents: train on its "
+                        "Tweedie-cleaned noisy latents instead of z + σε; σ is the flow's training noise")
+    p.add_argument("--clean-draws", type=int, default=4, help="noisy copies per training image for --clean-with")
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
     add_device_arg(p)
@@ -49,9 +55,37 @@ def _command(args, dataset) -> str:
         parts += ["--adv-weight", str(args.adv_weight), "--adv-start", str(args.adv_start)]
     if args.image_size is not None:
         parts += ["--image-size", str(args.image_size)]
+    if args.clean_with:
+        parts += ["--clean-with", args.clean_with, "--clean-draws", str(args.clean_draws)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     return shlex.join(parts)
+
+
+def _cleaned(args, ae, dataset: str, device):
+    """(train, test) decoder inputs: ``--clean-draws`` noisy latents per train image (one per test image)
+    cleaned by the ``--clean-with`` flow's Tweedie step, with the index of each one's image."""
+    from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
+    from starflow.train.autoencoder_trainer import load_images
+    from starflow.train.decoder_inputs import tweedie_cleaned_latents
+
+    pipe = StarflowPipeline.from_pretrained(args.clean_with, device=device, denoise="tweedie")
+    if pipe.autoencoder is None or pipe.autoencoder.encoder_fingerprint() != ae.encoder_fingerprint():
+        raise ValueError(f"{args.clean_with} does not model {args.autoencoder}'s latents (its autoencoder's encoder "
+                         "differs), so its Tweedie step cannot clean them")
+    if args.sigma is not None and args.sigma != pipe.noise_std:
+        raise ValueError(f"--sigma {args.sigma} differs from the noise {pipe.noise_std} {args.clean_with} was trained "
+                         "with; leave --sigma out with --clean-with")
+    args.sigma = float(pipe.noise_std)
+    size = args.image_size or ae.info.get("image_size")
+    out = []
+    for split, draws in (("train", args.clean_draws), ("test", 1)):
+        images, ds = load_images(dataset, split, size, ae.image_channels)
+        t0 = time.time()
+        out.append(tweedie_cleaned_latents(pipe, images, getattr(ds, "labels", None), draws=draws, seed=args.seed))
+        print(f"finetune-decoder: {split} latents cleaned by {args.clean_with}'s Tweedie step (σ={args.sigma}, "
+              f"{draws} draw(s) per image): {len(out[-1][0])} in {time.time() - t0:.0f}s")
+    return out[0], out[1][0]
 
 
 def check_encoder_identical(original_dir: str, new_dir: str) -> int:
@@ -83,8 +117,10 @@ def run(args) -> int:
                                                     reconstruction_psnr)
 
     apply_threads(args.threads)
-    if args.sigma < 0:
+    if args.sigma is not None and args.sigma < 0:
         raise ValueError("--sigma must be >= 0")
+    if args.clean_draws < 1:
+        raise ValueError(f"--clean-draws must be >= 1, got {args.clean_draws}")
     device = resolve_device(args.device)
     ae = resolve_autoencoder(args.autoencoder, device=device)
     dataset = args.dataset or ae.info.get("dataset")
@@ -95,36 +131,53 @@ def run(args) -> int:
     if train.shape[1] != ae.image_channels:
         raise ValueError(f"dataset {dataset!r} has {train.shape[1]}-channel images; the autoencoder expects "
                          f"{ae.image_channels}")
+    inputs = test_inputs = None
+    if args.clean_with:
+        inputs, test_inputs = _cleaned(args, ae, dataset, device)
+    elif args.sigma is None:
+        args.sigma = 0.3
     cfg = FinetuneConfig(sigma=args.sigma, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          recon_loss=args.recon_loss, flip=args.flip, seed=args.seed,
                          adv_weight=args.adv_weight, adv_start=args.adv_start)
-    before = {"clean": reconstruction_psnr(ae, test), "noisy": reconstruction_psnr(ae, test, sigma=args.sigma)}
+    def psnrs(model) -> dict:
+        out = {"clean": reconstruction_psnr(model, test), "noisy": reconstruction_psnr(model, test, sigma=args.sigma)}
+        if test_inputs is not None:
+            out["tweedie_cleaned"] = reconstruction_psnr(model, test, latents=test_inputs)
+        return out
+
+    before = psnrs(ae)
     print(f"finetune-decoder: original decoder test PSNR clean {before['clean']:.2f} dB, "
-          f"σ={args.sigma} {before['noisy']:.2f} dB")
+          f"σ={args.sigma} {before['noisy']:.2f} dB"
+          + (f", Tweedie-cleaned {before['tweedie_cleaned']:.2f} dB" if test_inputs is not None else ""))
     t0 = time.time()
-    ft, hist = finetune_decoder(ae, train, cfg, device=device)
+    ft, hist = finetune_decoder(ae, train, cfg, device=device, inputs=inputs)
     secs = time.time() - t0
     ft.info = dict(ae.info, finetuned_from=args.autoencoder, finetune_command=_command(args, dataset))
     ft.save_pretrained(args.out, dtype=ae.source_dtype)
     n = check_encoder_identical(ae.source_dir, args.out)
     re = Autoencoder.from_pretrained(args.out, device=device)
-    after = {"clean": reconstruction_psnr(re, test), "noisy": reconstruction_psnr(re, test, sigma=args.sigma)}
+    after = psnrs(re)
     m = {"dataset": dataset, "sigma": args.sigma, "test_images": len(test),
          "original": before, "finetuned": after, "train_seconds": secs, "threads": torch.get_num_threads(),
          "encoder_tensors_checked_identical": n, "config": config_to_dict(cfg)}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=2)
+    inputs_text = (f"on z + σε cleaned by `{args.clean_with}`'s Tweedie step (x̂ = x̃ + σ²∇log p(x̃), the flow's exact "
+                   f"score; {args.clean_draws} noisy copies per image) -> x, the inputs that flow's pipeline decodes"
+                   if args.clean_with else "on z + σε -> x with z the normalised posterior mean and fresh ε each step")
+    cols = ["clean", "noisy"] + (["tweedie_cleaned"] if test_inputs is not None else [])
     lines = [f"# Decoder fine-tuned for σ = {args.sigma}", "",
              "Made by (from the repository root):", "", "```", _command(args, dataset), "```", "",
              f"Encoder and latent normalisation are those of `{args.autoencoder}` "
              f"({n} encoder tensors verified bit-identical); only the decoder and post_quant_conv were trained, "
-             f"on z + σε -> x with z the normalised posterior mean and fresh ε each step"
+             + inputs_text
              + (f", with a patch-discriminator hinge loss (weight {args.adv_weight}, from step {args.adv_start})."
                 if args.adv_weight else "."), "",
              f"Test PSNR (dB, {len(test)} held-out images, mean over images):", "",
-             "| decoder | clean latent | latent + σε |", "|---|---|---|",
-             f"| original | {before['clean']:.2f} | {before['noisy']:.2f} |",
-             f"| fine-tuned (σ={args.sigma}) | {after['clean']:.2f} | {after['noisy']:.2f} |", "",
+             "| decoder | clean latent | latent + σε |" + (" Tweedie-cleaned latent + σε |" if test_inputs is not None else ""),
+             "|---|---|---|" + ("---|" if test_inputs is not None else ""),
+             "| original | " + " | ".join(f"{before[c]:.2f}" for c in cols) + " |",
+             f"| fine-tuned (σ={args.sigma}) | " + " | ".join(f"{after[c]:.2f}" for c in cols) + " |", "",
              f"Fine-tuning time: {secs:.0f} s on {device} with {torch.get_num_threads()} thread(s).", ""]
     with open(os.path.join(args.out, "RECIPE.md"), "w") as f:
         f.write("\n".join(lines))

@@ -144,16 +144,17 @@ def compute_latent_normalization(ae: Autoencoder, images: torch.Tensor, batch_si
 
 @torch.no_grad()
 def reconstruction_psnr(ae: Autoencoder, images: torch.Tensor, sigma: float = 0.0, seed: int = 0,
-                        batch_size: int = 250) -> float:
-    """Mean per-image PSNR (dB, data range 1 on [0,1] images) of decode(encode(x) + σε)."""
+                        batch_size: int = 250, latents: torch.Tensor | None = None) -> float:
+    """Mean per-image PSNR (dB, data range 1 on [0,1] images) of decode(encode(x) + σε), or of
+    decode(``latents``) when given (one row per image, e.g. noisy latents already cleaned)."""
     was = ae.training
     ae.eval()
     gen = torch.Generator().manual_seed(seed)
     psnrs = []
     for i in range(0, len(images), batch_size):
         x = images_to_float(images[i:i + batch_size]).float()
-        z = ae.encode(x).float().cpu()
-        if sigma > 0:
+        z = ae.encode(x).float().cpu() if latents is None else latents[i:i + batch_size]
+        if sigma > 0 and latents is None:
             z = z + sigma * torch.randn(z.shape, generator=gen)
         y = ae.decode(z.to(ae.device)).float().cpu()
         mse = ((y - x) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
@@ -252,9 +253,11 @@ def train_autoencoder(train_images: torch.Tensor, cfg: AutoencoderTrainConfig, d
 
 
 def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneConfig, device="cpu",
-                     log: Callable[[str], None] = print) -> tuple[Autoencoder, dict]:
+                     log: Callable[[str], None] = print,
+                     inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[Autoencoder, dict]:
     """Return a copy of ``ae`` whose decoder is fine-tuned on (z + σε) -> x; the encoder is frozen
-    (its parameters are not given to the optimiser and stay bit-identical)."""
+    (its parameters are not given to the optimiser and stay bit-identical). ``inputs = (latents, image
+    index)``: decode these instead of fresh z + σε (e.g. ``decoder_inputs.tweedie_cleaned_latents``)."""
     if cfg.sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {cfg.sigma}")
     from starflow.data.latents import encode_images  # lazy: only the components a recipe uses are imported
@@ -263,8 +266,12 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     ft = copy.deepcopy(ae).to(device)
     ft.eval()
     # latents of the (un-flipped and, if used, flipped) train images, computed once
-    z_all = encode_images(ft, train_images, flip=cfg.flip)
+    if inputs is not None and cfg.flip:
+        raise ValueError("flip is not available with precomputed decoder inputs")
+    z_all = encode_images(ft, train_images, flip=cfg.flip) if inputs is None else inputs[0]
     x_all = torch.cat([train_images, train_images.flip(-1)]) if cfg.flip else train_images
+    if inputs is not None:
+        x_all = train_images[inputs[1]]
     for p in ft.vae.parameters():
         p.requires_grad_(False)
     params = ft.decoder_parameters()
@@ -284,7 +291,7 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         idx = torch.randint(0, len(z_all), (cfg.batch_size,), generator=gen)
-        z = z_all[idx] + cfg.sigma * torch.randn(z_all[idx].shape, generator=gen)
+        z = z_all[idx] if inputs is not None else z_all[idx] + cfg.sigma * torch.randn(z_all[idx].shape, generator=gen)
         x = images_to_float(x_all[idx]).to(device)
         y = ft.vae.decode(ft.denormalize(z.to(device))).sample
         rec = _recon_loss(y, x, cfg.recon_loss)
@@ -312,7 +319,7 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     for p in ft.vae.parameters():
         p.requires_grad_(True)
     ft.eval()
-    ft.decoder_noise_sigma = cfg.sigma
+    ft.decoder_noise_sigma = 0.0 if inputs is not None else cfg.sigma  # cleaned inputs: a flow's Tweedie ran first
     hist["train_seconds"] = time.time() - t0
     return ft, hist
 
