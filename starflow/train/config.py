@@ -32,6 +32,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True           # decay min(ema_decay, (1+n)/(10+n)) after n updates; false: ema_decay from the start
     noise_std: float = 0.0            # extra Gaussian noise on [-1,1] pixels (TARFlow's augmentation); 0 = only dequantise
     shift_augment: int = 0            # > 0: add copies of every image shifted by up to this many pixels (labelled sets)
     seed: int = 0

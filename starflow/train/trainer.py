@@ -41,7 +41,7 @@ from starflow.errors import TrainingError, as_output_error, check_output_dir
 from starflow.train import checkpoint as ckpt
 from starflow.train import distributed as dist_utils
 from starflow.train.batches import BatchMixin
-from starflow.train.ema import make_ema
+from starflow.train.ema import make_ema, warmup_decay
 from starflow.train.export import ExportMixin
 from starflow.train.progress import Progress
 from starflow.train.schedule import warmup_cosine
@@ -112,7 +112,7 @@ class Trainer(BatchMixin, ExportMixin):
                 for t in list(self.model.parameters()) + list(self.model.buffers()):
                     torch.distributed.broadcast(t, src=0)
         self.sharded = self.dist.enabled and cfg.distributed == "fsdp"
-        self.ema = make_ema(self.model, cfg.ema_decay)
+        self.ema = make_ema(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.wrapped = dist_utils.wrap(self.model, cfg.distributed, self.dist, self.device,
                                        cfg.ddp_find_unused_parameters)
         if self.sharded:
@@ -270,7 +270,9 @@ class Trainer(BatchMixin, ExportMixin):
             return {"skipped": f"non-finite gradient norm {grad_norm.item()}"}
         self.opt.step()
         if self.sharded:
-            dist_utils.ema_update_sharded(self.ema, self.model, self.cfg.ema_decay)
+            decay = self.cfg.ema_decay
+            dist_utils.ema_update_sharded(self.ema, self.model,
+                                          warmup_decay(decay, int(self.ema.n_averaged)) if self.cfg.ema_warmup else decay)
         else:
             self.ema.update_parameters(self.model)
         return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": self.opt.param_groups[0]["lr"]}
