@@ -84,6 +84,12 @@ def _cli(args: list[str], log_path: str) -> float:
     return time.perf_counter() - start
 
 
+def _last_line(path: str) -> str:
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _yaml_value(v) -> str:
     return "null" if v is None else json.dumps(v)
 
@@ -130,16 +136,23 @@ def run_arm(name: str, arm: str, study: Study, a) -> dict:
         rows = [json.loads(line) for line in f if line.strip()]
     losses = [r for r in rows if "loss" in r]
     rec["final_train_loss"] = sum(r["loss"] for r in losses[-4:]) / max(1, len(losses[-4:]))
+    rec["cpu_minutes" if a.device == "cpu" else "device_minutes"] = rec["train_seconds"] / 60
+    if a.peak and a.device == "cpu":
+        rec["flop_fraction_of_fp32_peak"] = _flop_fraction(run_dir, steps, _batch(study.base, overrides),
+                                                           rec["train_seconds"], a.peak)
     model_dir = os.path.join(run_dir, "model")
     dev = ["--device", a.device]
-    full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", study.metrics, *dev])
+    try:
+        full = _eval(model_dir, os.path.join(run_dir, "eval.json"), a.num_samples, log, ["--metrics", study.metrics, *dev])
+    except RuntimeError as e:  # e.g. a non-finite test NLL: the arm's result, not a reason to stop the study
+        rec["eval_error"] = f"{e}: " + _last_line(log)
+        return rec
     guided = {"acc": {}}
     if "acc" in study.metrics.split(","):
         guided = _eval(model_dir, os.path.join(run_dir, "eval_guided.json"), a.num_samples, log,
                        ["--metrics", "acc", "--sample-arg", f"guidance={a.guidance}", *dev])
     nll = full["nll"]
     rec.update({
-        "cpu_minutes" if a.device == "cpu" else "device_minutes": rec["train_seconds"] / 60,
         "nats_per_dim": (nll.get("nats_per_dim") or {}).get("mean"),
         "bits_per_dim": (nll.get("bits_per_dim") or {}).get("mean"),
         "space": nll.get("space"),
@@ -148,9 +161,6 @@ def run_arm(name: str, arm: str, study: Study, a) -> dict:
         "fd": full.get("fd", {}).get("value"), "fd_real": (full.get("fd", {}).get("real_baseline") or {}).get("value"),
         "precision": full.get("pr", {}).get("precision"), "recall": full.get("pr", {}).get("recall"),
     })
-    if a.peak and a.device == "cpu":
-        rec["flop_fraction_of_fp32_peak"] = _flop_fraction(run_dir, steps, _batch(study.base, overrides),
-                                                           rec["train_seconds"], a.peak)
     return rec
 
 
