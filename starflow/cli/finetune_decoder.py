@@ -66,8 +66,8 @@ def _cleaned(args, ae, dataset: str, device):
     """(train, test) decoder inputs: ``--clean-draws`` noisy latents per train image (one per test image)
     cleaned by the ``--clean-with`` flow's Tweedie step, with the index of each one's image."""
     from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
-    from starflow.train.autoencoder_trainer import load_images
-    from starflow.train.decoder_inputs import tweedie_cleaned_latents
+    from starflow.train.autoencoder_trainer import load_images  # lazy: sub-command help must not import torch
+    from starflow.train.decoder_inputs import tweedie_cleaned_latents  # lazy: sub-command help must not import torch
 
     pipe = StarflowPipeline.from_pretrained(args.clean_with, device=device, denoise="tweedie")
     if pipe.autoencoder is None or pipe.autoencoder.encoder_fingerprint() != ae.encoder_fingerprint():
