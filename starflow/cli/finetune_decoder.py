@@ -62,7 +62,7 @@ def _command(args, dataset) -> str:
     return shlex.join(parts)
 
 
-def _cleaned(args, ae, dataset: str, device):
+def _cleaned(args, ae, dataset: str, train, test, device):
     """(train, test) decoder inputs: ``--clean-draws`` noisy latents per train image (one per test image)
     cleaned by the ``--clean-with`` flow's Tweedie step, with the index of each one's image."""
     from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
@@ -77,12 +77,18 @@ def _cleaned(args, ae, dataset: str, device):
         raise ValueError(f"--sigma {args.sigma} differs from the noise {pipe.noise_std} {args.clean_with} was trained "
                          "with; leave --sigma out with --clean-with")
     args.sigma = float(pipe.noise_std)
-    size = args.image_size or ae.info.get("image_size")
+    labels = {}
+    if pipe.num_classes:  # the named datasets' splits come in their stored order, so labels line up with images
+        if dataset.startswith("folder:"):
+            raise ValueError(f"{args.clean_with} is class-conditional: --clean-with needs a labelled dataset "
+                             "(mnist, digits), not a folder")
+        size = args.image_size or ae.info.get("image_size")
+        labels = {split: getattr(load_images(dataset, split, size, ae.image_channels)[1], "labels", None)
+                  for split in ("train", "test")}
     out = []
-    for split, draws in (("train", args.clean_draws), ("test", 1)):
-        images, ds = load_images(dataset, split, size, ae.image_channels)
+    for split, images, draws in (("train", train, args.clean_draws), ("test", test, 1)):
         t0 = time.time()
-        out.append(tweedie_cleaned_latents(pipe, images, getattr(ds, "labels", None), draws=draws, seed=args.seed))
+        out.append(tweedie_cleaned_latents(pipe, images, labels.get(split), draws=draws, seed=args.seed))
         print(f"finetune-decoder: {split} latents cleaned by {args.clean_with}'s Tweedie step (σ={args.sigma}, "
               f"{draws} draw(s) per image): {len(out[-1][0])} in {time.time() - t0:.0f}s")
     return out[0], out[1][0]
@@ -133,12 +139,13 @@ def run(args) -> int:
                          f"{ae.image_channels}")
     inputs = test_inputs = None
     if args.clean_with:
-        inputs, test_inputs = _cleaned(args, ae, dataset, device)
+        inputs, test_inputs = _cleaned(args, ae, dataset, train, test, device)
     elif args.sigma is None:
         args.sigma = 0.3
     cfg = FinetuneConfig(sigma=args.sigma, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          recon_loss=args.recon_loss, flip=args.flip, seed=args.seed,
                          adv_weight=args.adv_weight, adv_start=args.adv_start)
+
     def psnrs(model) -> dict:
         out = {"clean": reconstruction_psnr(model, test), "noisy": reconstruction_psnr(model, test, sigma=args.sigma)}
         if test_inputs is not None:
