@@ -60,17 +60,13 @@ class _RoundTrip(torch.nn.Module):
 
 def _tweedie(model_name: str):
     """(clean(z, labels), σ): one Tweedie step through the named latent flow, conditioned on the labels."""
-    from starflow.components.denoise import tweedie_denoise
-    from starflow.flow.condition import Condition
+    from functools import partial
+
     from starflow.pipeline import StarflowPipeline
+    from starflow.train.decoder_inputs import tweedie_step
 
     pipe = StarflowPipeline.from_pretrained(model_name, denoise="tweedie")
-    sigma = float(pipe.noise_std)
-
-    def clean(z, labels):
-        cond = Condition.from_args(labels if pipe.num_classes else None)
-        return tweedie_denoise(lambda v: pipe.model.log_prob(v, cond=cond), z, sigma)
-    return clean, sigma
+    return partial(tweedie_step, pipe), float(pipe.noise_std)
 
 
 def main(argv=None):

@@ -266,12 +266,13 @@ def finetune_decoder(ae: Autoencoder, train_images: torch.Tensor, cfg: FinetuneC
     ft = copy.deepcopy(ae).to(device)
     ft.eval()
     # latents of the (un-flipped and, if used, flipped) train images, computed once
-    if inputs is not None and cfg.flip:
+    if inputs is None:
+        z_all = encode_images(ft, train_images, flip=cfg.flip)
+        x_all = torch.cat([train_images, train_images.flip(-1)]) if cfg.flip else train_images
+    elif cfg.flip:
         raise ValueError("flip is not available with precomputed decoder inputs")
-    z_all = encode_images(ft, train_images, flip=cfg.flip) if inputs is None else inputs[0]
-    x_all = torch.cat([train_images, train_images.flip(-1)]) if cfg.flip else train_images
-    if inputs is not None:
-        x_all = train_images[inputs[1]]
+    else:
+        z_all, x_all = inputs[0], train_images[inputs[1]]
     for p in ft.vae.parameters():
         p.requires_grad_(False)
     params = ft.decoder_parameters()

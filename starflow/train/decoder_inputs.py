@@ -34,13 +34,19 @@ def tweedie_cleaned_latents(pipe, images: torch.Tensor, labels: torch.Tensor | N
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     gen = torch.Generator().manual_seed(seed)
-    model, out, index = pipe.model.eval(), [], []
+    batches = [torch.arange(i, min(i + batch_size, len(images))) for i in range(0, len(images), batch_size)]
+    latents = [to_model_space(pipe, images[idx]).cpu() for idx in batches]  # encoded once, noised per draw
+    out, index = [], []
     for _ in range(draws):
-        for i in range(0, len(images), batch_size):
-            idx = torch.arange(i, min(i + batch_size, len(images)))
-            z = to_model_space(pipe, images[idx]).cpu()
+        for idx, z in zip(batches, latents):
             noisy = (z + sigma * torch.randn(z.shape, generator=gen)).to(pipe.device)
-            cond = Condition.from_args(None if labels is None or not pipe.num_classes else labels[idx].to(pipe.device))
-            out.append(tweedie_denoise(lambda v: model.log_prob(v, cond=cond), noisy, sigma).float().cpu())
+            out.append(tweedie_step(pipe, noisy, None if labels is None else labels[idx]).float().cpu())
             index.append(idx)
     return torch.cat(out), torch.cat(index)
+
+
+def tweedie_step(pipe, noisy: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``pipe``'s flow cleans noisy latents with one Tweedie step at its training σ, each with its class label
+    as the condition (ignored by an unconditional flow): how the pipeline cleans its own samples."""
+    cond = Condition.from_args(labels.to(pipe.device) if labels is not None and pipe.num_classes else None)
+    return tweedie_denoise(lambda v: pipe.model.log_prob(v, cond=cond), noisy, float(pipe.noise_std))

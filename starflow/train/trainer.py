@@ -270,9 +270,8 @@ class Trainer(BatchMixin, ExportMixin):
             return {"skipped": f"non-finite gradient norm {grad_norm.item()}"}
         self.opt.step()
         if self.sharded:
-            decay = self.cfg.ema_decay
-            dist_utils.ema_update_sharded(self.ema, self.model,
-                                          warmup_decay(decay, int(self.ema.n_averaged)) if self.cfg.ema_warmup else decay)
+            dist_utils.ema_update_sharded(self.ema, self.model, warmup_decay(
+                self.cfg.ema_decay, int(self.ema.n_averaged), self.cfg.ema_warmup))
         else:
             self.ema.update_parameters(self.model)
         return {"loss": loss_value, "grad_norm": grad_norm.item(), "lr": self.opt.param_groups[0]["lr"]}
