@@ -174,6 +174,7 @@ def test_keep_last_never_prunes_the_checkpoint_just_written(tmp_path):
 # ---- config validation --------------------------------------------------------------------------------
 BAD = {
     "dataset": ["", "cifar", 3], "image_size": [0, "big", 2.5], "channels": [0, "1"], "dataset_size": [0, -5],
+    "scene_categories": ["position", 3, ["position"]],  # a list, and only for the shapes dataset
     "autoencoder": ["", 5], "decoder": ["", 7], "text_encoder": ["", 1], "out_dir": ["", None],
     "steps": [0, 1.5, "10", True], "batch_size": [0, -1, 8.0], "lr": [0, -1e-3, "fast", float("nan"), float("inf")],
     "weight_decay": [-0.1, "x"], "betas": [(0.9,), (0.9, 1.0), "0.9,0.95", (0.9, "a")], "warmup_steps": [-1, 0.5],
@@ -198,6 +199,9 @@ def test_every_train_config_field_is_validated_by_name():
             with pytest.raises(ConfigError, match=f"^{name}: "):
                 TrainConfig(**kw)
     # cross-field rules name the field to change
+    for bad, match in (([], "must not be empty"), (["position", "circles"], r"unknown \['circles'\]")):
+        with pytest.raises(ConfigError, match=f"^scene_categories: {match}"):
+            TrainConfig(dataset="shapes", scene_categories=bad)
     with pytest.raises(ConfigError, match="^decoder: needs train.autoencoder"):
         TrainConfig(decoder="mnist_ft")
     with pytest.raises(ConfigError, match="^image_size: a folder dataset needs image_size"):

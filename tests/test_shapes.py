@@ -114,6 +114,17 @@ def test_dataset_items_and_sizes():
     assert all(s.category == "position" for s in only.specs)
 
 
+def test_training_dataset_weights_categories_by_repeating_them():
+    from starflow.data.registry import build_dataset
+    from starflow.train.config import TrainConfig
+
+    cycle = TrainConfig(dataset="shapes", scene_categories=["colors", "position", "position"]).scene_categories
+    ds = build_dataset("shapes", "train", 16, size=9, categories=cycle)
+    expected = ShapesDataset("train", size=9, image_size=16, categories=cycle)
+    assert [ds.captions[i] for i in ds.labels] == expected.captions and torch.equal(ds.images, expected.images())
+    assert Counter(s.category for s in expected.specs) == {"colors": 3, "position": 6}
+
+
 def test_caption_and_spec_agree(test_specs):
     for spec in test_specs:
         claim = spec.claim

@@ -13,11 +13,12 @@ from starflow.data.shapes import ShapesDataset
 
 
 def build_dataset(name: str, split: str = "train", image_size: int | None = None, channels: int = 3,
-                  size: int = 10000) -> Dataset:
+                  size: int = 10000, categories=None) -> Dataset:
+    """``categories``: for ``shapes``, the caption categories the scenes cycle through (``None``: all)."""
     if name in ("mnist", "digits"):
         return DigitsDataset(name, split)
     if name == "shapes":
-        scenes = ShapesDataset(split, size=size, image_size=image_size or 32)
+        scenes = ShapesDataset(split, size=size, image_size=image_size or 32, categories=categories)
         return CaptionedImages(scenes.images(), scenes.captions)
     if name == "shapes-edit":  # (source, instruction, target) triples of shapes scenes
         return EditPairs(EditDataset(split, size=size, image_size=image_size or 32))

@@ -30,7 +30,8 @@ def _check_shape(shape, mcfg, what: str) -> None:
 def build_trainer(run: RunConfig) -> Trainer:
     mcfg, tcfg = run.model, run.train
     record_noise_std(mcfg, tcfg)
-    base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size)
+    base = build_dataset(tcfg.dataset, "train", tcfg.image_size, tcfg.channels, tcfg.dataset_size,
+                         tcfg.scene_categories)
     if tcfg.shift_augment:
         from starflow.data.augment import ShiftedCopies  # lazy: only the components a recipe uses are imported
 

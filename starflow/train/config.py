@@ -18,6 +18,8 @@ class TrainConfig:
     image_size: int | None = None     # folder and shapes datasets
     channels: int = 1                 # folder datasets only
     dataset_size: int = 10000         # generated examples: shapes scenes, or shapes-edit triples
+    scene_categories: list | None = None  # shapes only: the caption categories scene i cycles through (repeat
+                                      # one to weight it); null = all six, balanced
     autoencoder: str | None = None    # latent training: a shipped name (mnist, shapes) or a diffusers VAE folder
     decoder: str | None = None        # autoencoder to ship for decoding (e.g. mnist_ft, a fine-tuned decoder)
     text_encoder: str | None = None   # text-conditional training: "minilm" or a transformers folder
@@ -89,6 +91,14 @@ class TrainConfig:
                f"expected mnist, digits, shapes, shapes-edit or folder:PATH, got {self.dataset!r}")
         require(not self.dataset.startswith("folder:") or self.image_size is not None, "image_size",
                "a folder dataset needs image_size")
+        if self.scene_categories is not None:
+            from starflow.data.shapes_specs import CATEGORIES  # lazy: the shapes vocabulary only when asked for
+
+            require(self.dataset == "shapes", "scene_categories", f"is for the shapes dataset, not {self.dataset!r}")
+            require(len(self.scene_categories) > 0, "scene_categories", "must not be empty (null = all, balanced)")
+            unknown = [c for c in self.scene_categories if c not in CATEGORIES]
+            require(not unknown, "scene_categories", f"unknown {unknown}; expected names from {list(CATEGORIES)}")
+            self.scene_categories = list(self.scene_categories)
         require(self.decoder is None or self.autoencoder is not None, "decoder", "needs train.autoencoder (latent training)")
         if self.device != "auto":
             try:
