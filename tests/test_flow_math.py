@@ -148,6 +148,17 @@ def test_nll_and_bits_per_dim_known_answer():
     assert model.nll(torch.zeros(1, 1, 8, 8)).item() == pytest.approx(0.5 * math.log(2 * math.pi), abs=1e-6)
 
 
+def test_nll_of_an_input_beyond_float_range_is_inf_not_nan():
+    torch.manual_seed(0)
+    model = STARFlow(tiny_config()).eval()
+    x = torch.randn(3, 1, 8, 8)
+    x[1:] *= 1e30  # z overflows: log_prob's arithmetic gives NaN
+    with torch.no_grad():
+        assert model.log_prob(x)[1:].isnan().all()
+        nll = model.nll(x)
+    assert torch.isfinite(nll[0]) and (nll[1:] == float("inf")).all()
+
+
 def test_temperature_scales_prior_noise():
     model = STARFlow(tiny_config()).eval()  # identity: samples are the prior noise itself
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731

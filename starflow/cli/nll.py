@@ -54,6 +54,8 @@ def run(args) -> int:
     # A mean over images hides a heavy tail (a few odd digits can score 10x the median): show the spread.
     print("  median {median:.4f}, p90 {p90:.4f}, p99 {p99:.4f}, max {max:.4f}; mean without the top 1%: "
           "{mean_without_top1pct:.4f}".format(**summary))
+    if n_inf := int(torch.isinf(bpd).sum()):
+        print(f"  {n_inf} of {len(bpd)} images scored +inf: the flow maps them beyond float range")
     if args.out:
         import json
 

@@ -234,8 +234,13 @@ class STARFlow(nn.Module, PretrainedMixin):
         return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
 
     def nll(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
-        """Negative log-likelihood in nats per dimension, per example."""
-        return -self.log_prob(x, y, text, cond) / x[0].numel()
+        """Negative log-likelihood in nats per dimension, per example.
+
+        An input far off the data can make z overflow (each block rescales by exp(-alpha)), and the
+        arithmetic then yields inf or NaN: its density is below anything floats represent, so it scores
+        +inf, never NaN (a likelihood used as an out-of-distribution score must rank it last)."""
+        nll = -self.log_prob(x, y, text, cond) / x[0].numel()
+        return torch.where(torch.isnan(nll), torch.inf, nll)
 
     def loss(self, x: torch.Tensor, y=None, text=None, cond_drop: torch.Tensor | None = None,
              cond: Condition | None = None) -> torch.Tensor:

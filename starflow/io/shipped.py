@@ -1,6 +1,7 @@
 """The models shipped inside the package (``starflow/assets``) and how a user names them.
 
-A model is named either by a shipped name (``mnist``, ``mnist-pixel``, ``shapes``, ``edit``, optionally written
+A model is named either by a shipped name (``mnist``, ``mnist-pixel``, ``mnist-likelihood``, ``shapes``, ``edit``,
+optionally written
 ``starflow:NAME``) or by a directory. Names work from any folder; a directory that exists wins over a
 shipped name, so a local folder called ``mnist`` is still reachable. Imports nothing heavy.
 """
@@ -10,7 +11,9 @@ import os
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist")
-PIXEL_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist_pixel")  # pixel space: exact bits/dim of images
+PIXEL_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist_pixel")  # pixel space, class-conditional, σ = 0.1 noise
+LIKELIHOOD_DIGITS_MODEL = os.path.join(ASSETS, "starflow_mnist_likelihood")  # pixel space, unconditional, no noise:
+                                                                            # exact bits/dim of digit images
 DEFAULT_TEXT_MODEL = os.path.join(ASSETS, "starflow_shapes")
 DEFAULT_EDIT_MODEL = os.path.join(ASSETS, "starflow_edit")
 
@@ -18,6 +21,7 @@ DEFAULT_EDIT_MODEL = os.path.join(ASSETS, "starflow_edit")
 SHIPPED = {
     "mnist": DEFAULT_DIGITS_MODEL,
     "mnist-pixel": PIXEL_DIGITS_MODEL,
+    "mnist-likelihood": LIKELIHOOD_DIGITS_MODEL,
     "shapes": DEFAULT_TEXT_MODEL,
     "edit": DEFAULT_EDIT_MODEL,
 }
