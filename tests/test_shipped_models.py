@@ -1,4 +1,4 @@
-"""The models that ship in the package load offline and work, and keep the figures the README quotes."""
+"""The models that ship in the package load offline and work, and keep the figures docs/results.md quotes."""
 import torch
 
 from starflow.io.shipped import DEFAULT_TEXT_MODEL, LIKELIHOOD_DIGITS_MODEL, PIXEL_DIGITS_MODEL
@@ -7,7 +7,7 @@ from starflow.pipeline import StarflowPipeline
 
 def test_shipped_mnist_model_draws_the_requested_digits():
     """The latent MNIST model at its stored defaults (w = 0.1): the project's classifier accepts its digits
-    (README: 0.978 at n = 1000), and its test NLL stays where the README puts it."""
+    (docs/results.md: 0.978 at n = 1000), and its test NLL stays where it is quoted there."""
     from starflow.data import DigitsDataset
     from starflow.evaluation.classifier import conditional_accuracy
 
@@ -23,7 +23,7 @@ def test_shipped_mnist_model_draws_the_requested_digits():
     z = pipe.autoencoder.encode(x)
     z = z + pipe.noise_std * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
     nats = pipe.model.nll(z, test.labels[idx]).mean().item()
-    assert 0.35 < nats < 0.5  # README: 0.410 nats/dim of noisy latents on 500 test images
+    assert 0.35 < nats < 0.5  # docs/results.md: 0.410 nats/dim of noisy latents on 500 test images
 
 
 def test_shipped_pixel_mnist_model_samples_and_scores():
@@ -36,7 +36,7 @@ def test_shipped_pixel_mnist_model_samples_and_scores():
     test = DigitsDataset("mnist", "test")
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:100]
     bpd = pipe.bits_per_dim(test.images[idx], test.labels[idx], generator=torch.Generator().manual_seed(0))
-    assert 5.0 < bpd.mean().item() < 6.0  # README: 5.57 on the whole split
+    assert 5.0 < bpd.mean().item() < 6.0  # docs/results.md: 5.57 on the whole split
 
 
 def test_shipped_likelihood_model_scores_digits_in_bits_per_dim():
@@ -76,7 +76,7 @@ def _faint_share(images: torch.Tensor) -> float:
 
 
 def test_shipped_decoders_leave_the_background_black():
-    """The censored-L1 decoders (README, "Where the FD gap is"): real images sent through the pipelines'
+    """The censored-L1 decoders (docs/results.md, "Where the FD gap is"): real images sent through the pipelines'
     latent spaces come back with backgrounds that are black, not faint grey (real MNIST digits: 1.7% faint
     pixels; the decoders shipped before: 10% on MNIST, 30% on shapes scenes at σ = 0.3)."""
     from starflow.components.autoencoder import load_default_autoencoder
@@ -88,7 +88,7 @@ def test_shipped_decoders_leave_the_background_black():
     assert mnist.denoise == "tweedie"  # the clean decoder reads Tweedie-denoised latents
     digits = DigitsDataset("mnist", "test").images[:200].float() / 127.5 - 1
     with torch.no_grad():
-        assert _faint_share(mnist.autoencoder.decode(mnist.autoencoder.encode(digits))) < 0.05  # README: 0.027
+        assert _faint_share(mnist.autoencoder.decode(mnist.autoencoder.encode(digits))) < 0.05  # docs/results.md: 0.027
         shapes = StarflowPipeline.from_pretrained(DEFAULT_TEXT_MODEL)
         z = load_default_autoencoder("shapes").encode(ShapesDataset("test", size=100, image_size=32).images())
         assert _faint_share(shapes.autoencoder.decode(z + 0.3 * torch.randn(z.shape, generator=gen))) < 0.05  # 0.013
