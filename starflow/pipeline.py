@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -40,6 +41,9 @@ from starflow.io.hub import atomic_write_bytes, inside, read_config
 from starflow.protocols import LikelihoodModel
 
 INDEX = "model_index.json"
+# A flow's inverse can overflow float range on a draw from the far tail of the prior (most of all a flow
+# trained without noise augmentation); such images are drawn again, this many times at most.
+MAX_REDRAWS = 3
 # What sampling does when neither the model's index nor the user says otherwise.
 SAMPLING_DEFAULTS = {"guidance": 0.0, "temperature": 1.0, "sampler": "sequential", "guidance_rule": "starflow"}
 
@@ -178,6 +182,13 @@ class StarflowPipeline:
             kwargs["sampler"] = self.sampler.overridden_by(kwargs) if isinstance(self.sampler, EulerSampler) \
                 else self.sampler
         x = self.model.sample(n, generator=generator, device=device, cond=cond, **kwargs)
+        for _ in range(MAX_REDRAWS):
+            bad = ~torch.isfinite(x.flatten(1)).all(1)
+            if not bad.any():
+                break
+            warnings.warn(f"{int(bad.sum())} of {n} draws overflowed float range in the model's sampler; drawing "
+                          "them again (each image keeps its own condition)")
+            x[bad] = self.model.sample(n, generator=generator, device=device, cond=cond, **kwargs)[bad]
         return self.finish(x, cond=cond)
 
     def finish(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:

@@ -72,3 +72,34 @@ def test_aligned_autoencoder_shares_its_reference_latent_space():
     ref, aligned = load_default_autoencoder("shapes"), load_default_autoencoder("shapes64")
     assert aligned.encoder_fingerprint() != ref.encoder_fingerprint()
     assert aligned.latent_space_fingerprint() == ref.latent_space_fingerprint()
+
+
+def test_draws_that_overflow_are_drawn_again_with_their_own_condition(tiny_model, monkeypatch):
+    """A tail draw whose inverse overflows float range costs that image a redraw, not the batch; a model
+    that always overflows still returns non-finite images (for the caller's NaN check to name)."""
+    import starflow.pipeline as P
+
+    pipe = StarflowPipeline(tiny_model)
+    y = torch.tensor([0, 1, 2])
+    plain = tiny_model.sample(3, y=y, generator=torch.Generator().manual_seed(0))
+    real_sample, calls = tiny_model.sample, []
+
+    def overflow_first_call(n, **kw):
+        x = real_sample(n, **kw)
+        calls.append(kw["cond"].labels.clone())
+        if len(calls) == 1:
+            x[1] = float("nan")
+        return x
+
+    monkeypatch.setattr(tiny_model, "sample", overflow_first_call)
+    with pytest.warns(UserWarning, match="1 of 3 draws overflowed"):
+        x = pipe.sample(3, y=y, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all() and len(calls) == 2
+    assert torch.equal(x[[0, 2]], plain[[0, 2]].clamp(-1, 1))  # the good draws are kept as drawn
+    assert all(torch.equal(c, y) for c in calls)  # the redraw samples every row with its own label
+    assert not torch.equal(x[1], plain[1].clamp(-1, 1))  # a fresh draw from the same generator
+
+    monkeypatch.setattr(tiny_model, "sample", lambda n, **kw: real_sample(n, **kw) * float("nan"))
+    with pytest.warns(UserWarning):
+        assert torch.isnan(pipe.sample(2, y=y[:2])).all()
+    assert P.MAX_REDRAWS == 3
