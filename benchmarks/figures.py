@@ -51,6 +51,39 @@ def comparison_figure() -> str | None:
     return plot_model_comparison(_write(spec), os.path.join(IMAGES, "model_comparison.png"))
 
 
+def shapes_curve_figure() -> str | None:
+    """ShapesEval of the shipped shapes flow after each training run, against CPU minutes, with the targets."""
+    src = os.path.join(RESULTS, "shapes_curve.json")
+    if not os.path.exists(src):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.load(open(src))
+    pts = data["points"]
+    minutes = [p["cpu_minutes"] for p in pts]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for cat in pts[0]["categories"]:
+        ax.plot(minutes, [p["categories"][cat] for p in pts], marker=".", lw=1, alpha=0.7, label=cat)
+    ax.plot(minutes, [p["overall"] for p in pts], marker="o", lw=2.5, color="black", label="overall")
+    ax.axhline(data["targets"]["overall"], ls="--", color="black", lw=1)
+    ax.axhline(data["targets"]["every_category"], ls=":", color="grey", lw=1)
+    for p in pts:
+        ax.annotate(f"{p['steps']} steps", (p["cpu_minutes"], p["overall"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=7)
+    ax.set(xlabel="CPU minutes of training (one thread)", ylabel="ShapesEval (300 test prompts, w 0.5, T 0.3)",
+           ylim=(0, 1.02), title="Shipped shapes flow: targets 0.90 overall (dashed), 0.75 per category (dotted)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    out = os.path.join(IMAGES, "shapes_curve.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
-    for fn in (guidance_figure, comparison_figure):
+    for fn in (guidance_figure, comparison_figure, shapes_curve_figure):
         print(fn.__name__, "->", fn())
