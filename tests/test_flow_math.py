@@ -126,6 +126,40 @@ def test_text_prefix_reaches_deep_block_only():
     assert not torch.allclose(z1, z2)
 
 
+def test_text_positions_make_the_prefix_an_ordered_sequence(tmp_path):
+    """``text_positions``: a learned table added to the prompt's tokens, zero at init (so the same function
+    until trained, and a fine-tune may add it to a model saved without it); once learned, the prefix's
+    order is explicit (without it, only the causal mask within the prefix tells tokens apart)."""
+    from starflow.errors import ConfigError
+    from starflow.train.build import _start_from
+
+    torch.manual_seed(8)
+    plain = perturbed(STARFlow(tiny_config(cond_dim=12)))
+    ordered = STARFlow(tiny_config(cond_dim=12, text_positions=True))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    _start_from(ordered, str(tmp_path / "plain"))
+    assert not ordered.blocks[-1].condition.text_pos.any()
+    x, kw = _inputs(plain.config, B=2)
+    states, mask = kw["text"]
+    swapped = (states[:, [1, 0, *range(2, states.shape[1])]], mask)
+    assert mask[:, :2].all()
+    z, _ = plain(x, text=kw["text"])
+    assert torch.equal(ordered(x, text=kw["text"])[0], z)  # the same function at the start of a fine-tune
+    with torch.no_grad():
+        ordered.blocks[-1].condition.text_pos.normal_(std=0.5)
+    z_pos = ordered(x, text=kw["text"])[0]
+    assert not torch.allclose(z_pos, z, atol=1e-3)
+    assert not torch.allclose(ordered(x, text=swapped)[0], z_pos, atol=1e-3)
+    too_long = (torch.randn(2, 40, 12), torch.ones(2, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match="40 text tokens, but the model has positions for 32"):
+        ordered(x, text=too_long)
+    ordered.save_pretrained(str(tmp_path / "ordered"))
+    with pytest.raises(ConfigError, match="text_positions True there, False here"):
+        _start_from(STARFlow(tiny_config(cond_dim=12)), str(tmp_path / "ordered"))
+    with pytest.raises(ConfigError, match="^text_positions: needs text conditioning"):
+        tiny_config(num_classes=3, text_positions=True)
+
+
 def test_condition_dropout_uses_null():
     torch.manual_seed(7)
     model = perturbed(STARFlow(tiny_config(num_classes=3)))

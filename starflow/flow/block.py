@@ -72,7 +72,8 @@ class FlowBlock(nn.Module):
                  affine: bool = True, num_classes: int = 0, cond_dim: int = 0, cond_mode: str = "prefix",
                  rope: bool = False, rope_prefix_axis: bool = False, start_token: bool = False, scale: str = "exp",
                  soft_clip: float = 0.0, final_norm: bool = False, num_kv_heads: int | None = None,
-                 swiglu: bool = False, learned_null: bool = True, source_prefix: bool = False):
+                 swiglu: bool = False, learned_null: bool = True, source_prefix: bool = False,
+                 text_positions: int = 0):
         super().__init__()
         self.token_dim, self.num_tokens, self.affine = token_dim, num_tokens, affine
         self.cond_mode = cond_mode
@@ -85,7 +86,8 @@ class FlowBlock(nn.Module):
             self.pos_embed = nn.Parameter(randn(num_tokens, width, std=1e-2))
         if start_token:
             self.sos_embed = nn.Parameter(randn(1, 1, token_dim))
-        self.condition = ConditionEmbedding(width, num_classes, cond_dim, learned_null) if (num_classes or cond_dim) else None
+        self.condition = (ConditionEmbedding(width, num_classes, cond_dim, learned_null, text_positions)
+                          if (num_classes or cond_dim) else None)
         self.layers = nn.ModuleList(TransformerLayer(width, head_dim, mlp_ratio, norm, qk_norm, num_kv_heads, swiglu)
                                     for _ in range(num_layers))
         self.final_norm = OffsetRMSNorm(width) if final_norm else None

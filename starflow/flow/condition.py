@@ -125,7 +125,10 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
 class ConditionEmbedding(nn.Module):
     """Class labels -> one token; text states -> a projected token sequence. Null has its own weights."""
 
-    def __init__(self, width: int, num_classes: int = 0, cond_dim: int = 0, learned_null: bool = True):
+    def __init__(self, width: int, num_classes: int = 0, cond_dim: int = 0, learned_null: bool = True,
+                 text_positions: int = 0):
+        """``text_positions`` > 0: a learned position table of that many rows added to the projected text
+        tokens, zero at init (so a fine-tune from a model without it starts as the same function)."""
         super().__init__()
         self.num_classes = num_classes
         self.learned_null = learned_null
@@ -134,6 +137,8 @@ class ConditionEmbedding(nn.Module):
             self.class_embed = nn.Parameter(randn(num_classes + learned_null, width, std=0.02))
         if cond_dim:
             self.text_proj = nn.Linear(cond_dim, width)
+            if text_positions:
+                self.text_pos = nn.Parameter(torch.zeros(text_positions, width))
             if learned_null:
                 self.null_text = nn.Parameter(randn(width, std=0.02))
 
@@ -146,7 +151,7 @@ class ConditionEmbedding(nn.Module):
                                  "condition explicitly, e.g. the encoded empty prompt")
             if self.num_classes:
                 return self.class_embed[cond.labels][:, None], None
-            return self.text_proj(cond.text.to(self.text_proj.weight.dtype)), cond.text_mask
+            return self._text_tokens(cond.text.to(self.text_proj.weight.dtype)), cond.text_mask
         if self.num_classes:
             labels = cond.labels if cond is not None and cond.labels is not None else None
             if labels is None:
@@ -156,7 +161,7 @@ class ConditionEmbedding(nn.Module):
         if cond is None or cond.text is None:
             tokens = self.null_text.expand(batch, 1, -1)
             return tokens, None
-        tokens = self.text_proj(cond.text)
+        tokens = self._text_tokens(cond.text)
         valid = cond.text_mask if cond.text_mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool, device=device)
         # A dropped row becomes [null, pad, pad, ...]: one valid token, the null.
         null_row = torch.zeros_like(tokens)
@@ -166,3 +171,12 @@ class ConditionEmbedding(nn.Module):
         first_only[:, 0] = True
         valid = torch.where(drop[:, None], first_only, valid)
         return tokens, valid
+
+    def _text_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        tokens = self.text_proj(states)
+        if hasattr(self, "text_pos"):
+            if tokens.shape[1] > self.text_pos.shape[0]:
+                raise ValueError(f"{tokens.shape[1]} text tokens, but the model has positions for {self.text_pos.shape[0]} "
+                                 "(max_text_tokens)")
+            tokens = tokens + self.text_pos[:tokens.shape[1]].to(tokens.dtype)
+        return tokens

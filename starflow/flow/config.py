@@ -53,6 +53,9 @@ class FlowConfig:
                                   # to max_text_tokens and all attended (the released model's prefix)
     noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
     source_prefix: bool = False   # edit models: Condition.source (the source image) prefixes the deep block
+    text_positions: bool = False  # learned positions added to the text prefix (zero at init). Without them (or
+                                  # rope) attention reads the prefix as a set, so which colour word goes with
+                                  # which shape is left to the text encoder's states, where MiniLM keeps little
 
     def __post_init__(self):
         check_types(self)
@@ -87,6 +90,7 @@ class FlowConfig:
             heads = w // self.head_dim
             require(self.num_kv_heads is None or (0 < self.num_kv_heads <= heads and heads % self.num_kv_heads == 0),
                    "num_kv_heads", f"must divide the {heads} attention heads of width {w}, got {self.num_kv_heads}")
+        require(not self.text_positions or self.cond_dim > 0, "text_positions", "needs text conditioning (cond_dim > 0)")
         require(self.learned_null or self.cond_drop_prob == 0, "learned_null",
                "condition dropout needs a learned null (set cond_drop_prob: 0 or learned_null: true)")
         if self.positions == "rope":

@@ -58,7 +58,8 @@ class STARFlow(nn.Module, PretrainedMixin):
         blocks = []
         switches = dict(rope=c.positions == "rope", rope_prefix_axis=c.conditional and c.cond_mode == "prefix",
                         start_token=c.start_token, scale=c.scale, soft_clip=c.soft_clip, final_norm=c.final_norm,
-                        num_kv_heads=c.num_kv_heads, swiglu=c.mlp == "swiglu", learned_null=c.learned_null)
+                        num_kv_heads=c.num_kv_heads, swiglu=c.mlp == "swiglu", learned_null=c.learned_null,
+                        text_positions=c.max_text_tokens if c.text_positions else 0)
         for i in range(c.num_blocks):
             conditional = c.conditional and (c.cond_blocks == "all" or i == c.num_blocks - 1)
             deep = i == c.num_blocks - 1
