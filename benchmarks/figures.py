@@ -68,6 +68,9 @@ def shapes_curve_figure() -> str | None:
     for cat in pts[0]["categories"]:
         ax.plot(minutes, [p["categories"][cat] for p in pts], marker=".", lw=1, alpha=0.7, label=cat)
     ax.plot(minutes, [p["overall"] for p in pts], marker="o", lw=2.5, color="black", label="overall")
+    if "balanced_arm_at_11800" in data:  # session 12's A/B: the same steps with the categories balanced
+        ax.plot([pts[-1]["cpu_minutes"]], [data["balanced_arm_at_11800"]["overall"]], marker="x", ms=9,
+                color="black", ls="none", label="overall, categories balanced")
     ax.axhline(data["targets"]["overall"], ls="--", color="black", lw=1)
     ax.axhline(data["targets"]["every_category"], ls=":", color="grey", lw=1)
     for p in pts:
