@@ -1,8 +1,7 @@
 """The models shipped inside the package (``starflow/assets``) and how a user names them.
 
-A model is named either by a shipped name (``mnist``, ``mnist-pixel``, ``mnist-likelihood``, ``shapes``, ``edit``,
-optionally written
-``starflow:NAME``) or by a directory. Names work from any folder; a directory that exists wins over a
+A model is named either by a shipped name (``mnist``, ``mnist-pixel``, ``mnist-likelihood``, ``shapes``,
+``edit``, optionally written ``starflow:NAME``) or by a directory. Names work from any folder; a directory that exists wins over a
 shipped name, so a local folder called ``mnist`` is still reachable. Imports nothing heavy.
 """
 from __future__ import annotations
