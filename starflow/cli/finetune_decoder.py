@@ -62,11 +62,11 @@ def _command(args, dataset) -> str:
     return shlex.join(parts)
 
 
-def _cleaned(args, ae, dataset: str, train, test, device):
+def _cleaned(args, ae, dataset: str, train, test, labels, device):
     """(train, test) decoder inputs: ``--clean-draws`` noisy latents per train image (one per test image)
-    cleaned by the ``--clean-with`` flow's Tweedie step, with the index of each one's image."""
+    cleaned by the ``--clean-with`` flow's Tweedie step, with the index of each one's image. ``labels``: the
+    splits' (train, test) class labels from ``split_train_test``, read by a class-conditional flow."""
     from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
-    from starflow.train.autoencoder_trainer import load_images  # lazy: sub-command help must not import torch
     from starflow.train.decoder_inputs import tweedie_cleaned_latents  # lazy: sub-command help must not import torch
 
     pipe = StarflowPipeline.from_pretrained(args.clean_with, device=device, denoise="tweedie")
@@ -77,18 +77,16 @@ def _cleaned(args, ae, dataset: str, train, test, device):
         raise ValueError(f"--sigma {args.sigma} differs from the noise {pipe.noise_std} {args.clean_with} was trained "
                          "with; leave --sigma out with --clean-with")
     args.sigma = float(pipe.noise_std)
-    labels = {}
-    if pipe.num_classes:  # the named datasets' splits come in their stored order, so labels line up with images
-        if dataset.startswith("folder:"):
-            raise ValueError(f"{args.clean_with} is class-conditional: --clean-with needs a labelled dataset "
-                             "(mnist, digits), not a folder")
-        size = args.image_size or ae.info.get("image_size")
-        labels = {split: getattr(load_images(dataset, split, size, ae.image_channels)[1], "labels", None)
-                  for split in ("train", "test")}
+    if pipe.num_classes and dataset.startswith("folder:"):
+        raise ValueError(f"{args.clean_with} is class-conditional: --clean-with needs a labelled dataset "
+                         "(mnist, digits), not a folder")
+    if not pipe.num_classes:
+        labels = (None, None)
     out = []
-    for split, images, draws in (("train", train, args.clean_draws), ("test", test, 1)):
+    for split, images, split_labels, draws in (("train", train, labels[0], args.clean_draws),
+                                               ("test", test, labels[1], 1)):
         t0 = time.time()
-        out.append(tweedie_cleaned_latents(pipe, images, labels.get(split), draws=draws, seed=args.seed))
+        out.append(tweedie_cleaned_latents(pipe, images, split_labels, draws=draws, seed=args.seed))
         print(f"finetune-decoder: {split} latents cleaned by {args.clean_with}'s Tweedie step (σ={args.sigma}, "
               f"{draws} draw(s) per image): {len(out[-1][0])} in {time.time() - t0:.0f}s")
     return out[0], out[1][0]
@@ -133,13 +131,13 @@ def run(args) -> int:
     if not dataset:
         raise ValueError(f"{args.autoencoder} does not record its dataset; pass --dataset")
     # the autoencoder's own image size (shapes renders at any size) unless the user overrides it
-    train, test = split_train_test(dataset, args.image_size or ae.info.get("image_size"), ae.image_channels)
+    train, test, labels = split_train_test(dataset, args.image_size or ae.info.get("image_size"), ae.image_channels)
     if train.shape[1] != ae.image_channels:
         raise ValueError(f"dataset {dataset!r} has {train.shape[1]}-channel images; the autoencoder expects "
                          f"{ae.image_channels}")
     inputs = test_inputs = None
     if args.clean_with:
-        inputs, test_inputs = _cleaned(args, ae, dataset, train, test, device)
+        inputs, test_inputs = _cleaned(args, ae, dataset, train, test, labels, device)
     elif args.sigma is None:
         args.sigma = 0.3
     cfg = FinetuneConfig(sigma=args.sigma, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

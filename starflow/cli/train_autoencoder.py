@@ -65,6 +65,8 @@ def _command(args) -> str:
 
 
 def split_train_test(name: str, image_size, channels):
+    """(train, test, labels): uint8 images of the named dataset's splits (a folder: 5% held out at random), and
+    the splits' (train, test) class labels, each None where the dataset has none (folders, shapes)."""
     import torch
 
     from starflow.train.autoencoder_trainer import load_images  # lazy: sub-command help must not import torch
@@ -74,10 +76,10 @@ def split_train_test(name: str, image_size, channels):
         g = torch.Generator().manual_seed(0)
         perm = torch.randperm(len(imgs), generator=g)
         n_test = max(1, len(imgs) // 20)
-        return imgs[perm[n_test:]], imgs[perm[:n_test]]
-    train, _ = load_images(name, "train", image_size, channels)
-    test, _ = load_images(name, "test", image_size, channels)
-    return train, test
+        return imgs[perm[n_test:]], imgs[perm[:n_test]], (None, None)
+    train, train_ds = load_images(name, "train", image_size, channels)
+    test, test_ds = load_images(name, "test", image_size, channels)
+    return train, test, (getattr(train_ds, "labels", None), getattr(test_ds, "labels", None))
 
 
 def run(args) -> int:
@@ -102,7 +104,7 @@ def run(args) -> int:
                                  block_out_channels=channels, layers_per_block=args.layers_per_block,
                                  norm_num_groups=args.norm_groups, mid_attention=args.mid_attention,
                                  flip=args.flip, seed=args.seed)
-    train, test = split_train_test(args.dataset, args.image_size, args.image_channels)
+    train, test, _ = split_train_test(args.dataset, args.image_size, args.image_channels)
     print(f"train-autoencoder: {args.dataset} train {tuple(train.shape)} test {tuple(test.shape)} on {device}, "
           f"{torch.get_num_threads()} threads")
     align_to = resolve_autoencoder(args.align_to, device=device) if args.align_to else None
