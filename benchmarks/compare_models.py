@@ -3,6 +3,7 @@
     python benchmarks/compare_models.py                       # shapes, text-conditional, latent space
     python benchmarks/compare_models.py --dataset mnist       # digits, class-conditional, latent space
     python benchmarks/compare_models.py --steps 600 --num-eval 300
+    python benchmarks/compare_models.py --speed-only --widths 128,384,768 --batches 32,64,128 --device cuda
 
 Same data, same autoencoder (latent space), same text encoder (MiniLM) or class labels, same trainer,
 same number of training images (steps x batch) and parameter counts matched within 10%. STARFlow
@@ -13,6 +14,10 @@ Prints, per model: parameters, training images/s, FD-EffNetLite0 of samples vs t
 ShapesEval overall and per category (shapes) or classifier accuracy (digits), and sampling images/s
 at batch 1, 8, 32, 64 (rectified flow at 10, 25 and 50 Euler steps, on SD3's grid unless
 --rf-schedule uniform). Small-scale version of the STARFlow paper's Table 1 and Fig. 10a.
+
+``--speed-only`` skips training and evaluation: each family is built at every ``--widths`` entry with
+its initial weights (sampling cost does not depend on the weights' values) and only sampling images/s
+is timed, so Fig. 10a's speed claim can be checked at sizes too large to train here.
 """
 from __future__ import annotations
 
@@ -87,6 +92,42 @@ def sampling_speed(pipe, kwargs_fn, batches, device, repeats=2):
     return out
 
 
+def speed_only(args, configs_at) -> dict:
+    """Sampling images/s of every family at several widths, untrained weights (see the module docstring)."""
+    from starflow.components.autoencoder import resolve_autoencoder
+    from starflow.components.text_encoder import TextEncoder
+    from starflow.models import model_class
+    from starflow.pipeline import StarflowPipeline
+
+    batches = [int(b) for b in args.batches.split(",")]
+    shapes = args.dataset == "shapes"
+    text_encoder = TextEncoder.from_pretrained(args.text_encoder) if shapes else None
+    decoder = resolve_autoencoder(args.dataset, device=args.device)
+    prompt = args.speed_prompt
+    results = {}
+    for width in [int(w) for w in args.widths.split(",")]:
+        for name, (model_type, mcfg) in configs_at(width).items():
+            torch.manual_seed(0)
+            model = model_class(model_type)(mcfg).to(args.device).eval()
+            pipe = StarflowPipeline(model, decoder, text_encoder, 0.3 if model_type == "starflow" else 0.0)
+
+            def cond(B, steps=None):
+                kw = {"prompt": [prompt] * B} if shapes else {"y": (torch.arange(B) % 10).to(args.device)}
+                return {**kw, "guidance": args.guidance, **({"steps": steps} if steps else {})}
+
+            if model_type == "rectified-flow":
+                speed = {f"{s} steps": sampling_speed(pipe, lambda B, s=s: cond(B, s), batches, args.device)
+                         for s in (25, 50)}
+            else:
+                speed = {"": sampling_speed(pipe, cond, batches, args.device)}
+            results.setdefault(width, {})[name] = {"params": model.num_params(), "images_per_s": speed}
+            for k, d in speed.items():
+                print(f"width {width:>4} {name + (' ' + k if k else ''):<25}{model.num_params() / 1e6:>8.2f}M  "
+                      + "  ".join(f"b{B} {v:8.1f}" for B, v in d.items()), flush=True)
+            del model, pipe
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shapes", choices=["shapes", "mnist"])
@@ -104,6 +145,9 @@ def main(argv=None):
     p.add_argument("--models", default="starflow,rectified-flow,flowar")
     p.add_argument("--rf-schedule", default="sd3", choices=["sd3", "uniform"],
                    help="rectified flow's Euler grid: SD3's reference grid, or the uniform grid of earlier runs")
+    p.add_argument("--speed-only", action="store_true", help="time sampling only, untrained weights, at --widths")
+    p.add_argument("--widths", default="128,384,768", help="--speed-only: model widths to time")
+    p.add_argument("--speed-prompt", default="a red circle", help="--speed-only: the prompt every image gets")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--json", default="benchmarks/results/compare_models.json")
     args = p.parse_args(argv)
@@ -114,7 +158,18 @@ def main(argv=None):
     from starflow.io.images import to_uint8
     from starflow.models import model_class
 
-    configs = {k: v for k, v in model_configs(args.dataset, args.width, args.rf_schedule).items() if k in args.models.split(",")}
+    def configs_at(width):
+        return {k: v for k, v in model_configs(args.dataset, width, args.rf_schedule).items() if k in args.models.split(",")}
+
+    if args.speed_only:
+        print(f"speed only: dataset {args.dataset}, device {args.device}, guidance w={args.guidance}, untrained weights")
+        results = speed_only(args, configs_at)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "speed_only": results}, f, indent=1)
+        return
+    configs = configs_at(args.width)
     params = {k: model_class(t)(c).num_params() for k, (t, c) in configs.items()}
     ref_params = params.get("starflow", next(iter(params.values())))
     print(f"dataset {args.dataset}, {args.steps} steps x batch {args.batch_size}, threads {args.threads}")

@@ -5,7 +5,9 @@
 1. the shipped model on CUDA: forward/inverse round trip, cached = naive = Jacobi, NLL under bf16
    autocast close to fp32;
 2. a few bf16-autocast training steps of a small model on scikit-learn digits (loss finite, falling);
-3. training images/s on this GPU at batch 256 for the shipped recipe's architecture.
+3. training images/s on this GPU at batch 256 for the shipped recipe's architecture;
+4. which attention kernels a training step launches (the unpadded ``is_causal=True`` path should take a
+   flash or memory-efficient kernel, not the math fallback).
 """
 from __future__ import annotations
 
@@ -79,6 +81,16 @@ def main():
         torch.cuda.synchronize()
         print(f"[3] training {prec}: {256 * 10 / (time.perf_counter() - t0):.0f} images/s at batch 256 "
               f"({big.num_params() / 1e6:.2f}M params)")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for prec in ("fp32", "bf16"):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                big.loss(xb, yb).backward()
+            torch.cuda.synchronize()
+        names = sorted({e.key for e in prof.key_averages() if any(k in e.key.lower() for k in ("flash", "attention", "fmha", "efficient", "softmax"))})
+        print(f"[4] attention kernels of a training step ({prec}): {names or 'none matched'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/official_speed.py --official-path PATH/ml-tarflow --threads 1
     python benchmarks/official_speed.py --models mnist --batch-sizes 1,8   # starflow samplers only
+    python benchmarks/official_speed.py --official-path PATH/ml-tarflow --device cuda   # a GPU
 
 Two models:
 * ``tarflow``: a TARFlow stack built by the official code (``transformer_flow.Model``, read from
@@ -71,7 +72,7 @@ def methods(model, official, guided: bool):
     return out
 
 
-def bench_model(label, model, official, batch_sizes, repeats, naive_max, guided_batches, rows):
+def bench_model(label, model, official, batch_sizes, repeats, naive_max, guided_batches, rows, device="cpu"):
     c = model.config
     print(f"\n== {label}: {model.num_params() / 1e6:.2f}M params, width {c.width}, blocks {c.block_layers()}, "
           f"{c.num_tokens} tokens; calibration: {'stored' if getattr(model, 'sampling_calibration', None) else 'none'}")
@@ -81,8 +82,8 @@ def bench_model(label, model, official, batch_sizes, repeats, naive_max, guided_
     cases = [(B, False) for B in batch_sizes] + [(B, True) for B in guided_batches]
     for B, guided in cases:
         g = torch.Generator().manual_seed(B)
-        z = torch.randn((B, *model.image_shape), generator=g)
-        y = torch.arange(B) % c.num_classes
+        z = torch.randn((B, *model.image_shape), generator=g).to(device)
+        y = (torch.arange(B) % c.num_classes).to(device)
         fns = methods(model, official, guided)
         if B > naive_max:
             fns.pop("naive")
@@ -101,7 +102,7 @@ def bench_model(label, model, official, batch_sizes, repeats, naive_max, guided_
         for name in fns:
             o = outs[name]
             x, stats = o if isinstance(o, tuple) else (o, None)
-            row = dict(model=label, batch=B, guided=guided, sampler=name, images_per_s=B / best[name],
+            row = dict(model=label, device=str(device), batch=B, guided=guided, sampler=name, images_per_s=B / best[name],
                        vs_ref=best[ref_name] / best[name], vs_sequential=best["sequential"] / best[name],
                        max_dx=(x - ref).abs().max().item(),
                        plan=stats.plan if stats else None, sweeps=stats.iterations if stats else None)
@@ -127,38 +128,42 @@ def main(argv=None):
     p.add_argument("--calibration-batch-sizes", default="1,32", help="auto uses the nearest calibrated batch")
     p.add_argument("--mnist", default=None, help="MNIST model directory (default: the shipped one)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: both samplers and the official one run there")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     guided = [int(b) for b in args.guided_batch_sizes.split(",") if b]
     rows, notes = [], {}
-    print(f"threads={args.threads}, torch {torch.__version__}")
+    dev = torch.device(args.device)
+    print(f"threads={args.threads}, torch {torch.__version__}, device {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
     if "tarflow" in args.models:
         if not args.official_path:
             print("tarflow: skipped (pass --official-path to a checkout of apple/ml-tarflow)")
         else:
             off, ours = tarflow_pair(args.official_path, args.width, args.blocks, args.layers, args.perturb, 0)
+            off, ours = off.to(dev), ours.to(dev)
             # Calibration set: the model's own samples (in distribution for this model by construction).
-            g = torch.Generator().manual_seed(123)
+            g = torch.Generator(dev).manual_seed(123)
             n = args.calibration_images
-            y = torch.arange(n) % 10
+            y = (torch.arange(n) % 10).to(dev)
             t = time.perf_counter()
-            images = torch.cat([ours.sample(min(64, n - s), y=y[s:s + 64], generator=g) for s in range(0, n, 64)])
+            images = torch.cat([ours.sample(min(64, n - s), y=y[s:s + 64], generator=g, device=dev) for s in range(0, n, 64)])
             cal_batches = [int(b) for b in args.calibration_batch_sizes.split(",")]
             ours.sampling_calibration = calibrate(ours, images, batches=cal_batches, repeats=1, y=y)
             notes["tarflow_calibration_s"] = time.perf_counter() - t
             notes["tarflow_calibration"] = {b: {k: v["plan"] for k, v in p_.items()} for b, p_ in ours.sampling_calibration.plans.items()}
             print(f"tarflow calibration ({n} own samples, {notes['tarflow_calibration_s']:.0f} s): {notes['tarflow_calibration']}")
             bench_model(f"tarflow (official code, width {args.width}, perturb {args.perturb})", ours, off, batches,
-                        args.repeats, args.naive_max_batch, guided, rows)
+                        args.repeats, args.naive_max_batch, guided, rows, dev)
     if "mnist" in args.models:
         from starflow.io.shipped import PIXEL_DIGITS_MODEL
         from starflow.pipeline import load_pretrained
 
-        model = load_pretrained(args.mnist or PIXEL_DIGITS_MODEL).model.eval()
+        model = load_pretrained(args.mnist or PIXEL_DIGITS_MODEL, map_location=dev).model.eval()
         print("mnist: the official code cannot build a prefix-conditioned deep-shallow stack; starflow samplers only")
-        bench_model("shipped MNIST STARFlow", model, None, batches, args.repeats, args.naive_max_batch, guided, rows)
+        bench_model("shipped MNIST STARFlow", model, None, batches, args.repeats, args.naive_max_batch, guided, rows, dev)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
