@@ -273,8 +273,9 @@ def shapes_section(args) -> None:
     ds = ShapesDataset("test", size=args.cases, image_size=H)
     imgs = ds.images()
     masks, objs = object_masks(ds.specs, H)
+    T = args.shapes_temperature if args.shapes_temperature is not None else pipe.sampling_defaults.get("temperature", 1.0)
     say(f"[2] shapes model {args.shapes_model} ({E.space(pipe)} space): inpainting one object of {len(imgs)} "
-        f"test scenes with the caption; {args.steps} rounds, guidance {args.shapes_guidance}")
+        f"test scenes with the caption; {args.steps} rounds, guidance {args.shapes_guidance}, temperature {T:g}")
     keep = ~masks[:, None].expand_as(imgs)
     holed = imgs.clone()
     holed[~keep] = 0
@@ -289,7 +290,7 @@ def shapes_section(args) -> None:
             for i in range(0, len(imgs), args.batch):
                 sl = slice(i, i + args.batch)
                 r = inpaint(pipe, imgs[sl], masks[sl], prompt=None if prompt is None else prompt[sl], steps=args.steps,
-                            guidance=args.shapes_guidance if prompt is not None else 0.0,
+                            guidance=args.shapes_guidance if prompt is not None else 0.0, temperature=T,
                             generator=torch.Generator().manual_seed(i))
                 out.append(r.images)
             out = torch.cat(out)
@@ -381,6 +382,8 @@ def main(argv=None):
     p.add_argument("--tuned", default="2,0.8", help="MNIST inpainting 'tuned' row: guidance,temperature")
     p.add_argument("--tune", action="store_true", help="choose the MNIST 'tuned' row on train-split digits instead")
     p.add_argument("--shapes-guidance", type=float, default=2.0)
+    p.add_argument("--shapes-temperature", type=float, default=None,
+                   help="shapes inpainting temperature (default: the model's stored sampling temperature)")
     p.add_argument("--edit-guidance", type=float, default=1.0)
     p.add_argument("--edit-temperature", type=float, default=1.0)
     p.add_argument("--edit-tune", action="store_true",

@@ -9,7 +9,8 @@ calibration next to the model's weights.
 The calibration set is what the flow was trained on: training images (dequantised for pixel models,
 encoded to latents for latent models), plus Gaussian noise of the model's training ``noise_std``, with
 their classes or captions as the condition. Timings are this device's; ``auto`` on another device falls
-back to the sequential sampler until it is calibrated there.
+back to the sequential sampler until it is calibrated there. The stored file keeps the calibrations of
+other devices (calibrate once on the CPU and once on a GPU, and ``auto`` uses the right one on each).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from starflow.flow.selective_jacobi import calibrate, save_calibration
+from starflow.flow.selective_jacobi import calibrate, load_calibration, merge_calibrations, save_calibration
 from starflow.io.images import dequantize
 from starflow.io.shipped import PIXEL_DIGITS_MODEL, resolve_model
 from starflow.pipeline import StarflowPipeline
@@ -78,7 +79,9 @@ def main(argv=None):
         print(f"  batch {b:>3}: " + "; ".join(f"{k} {v['plan']} (max|dx| {v['error']:.1e}, {v['seconds'] * 1e3:.0f} ms)"
                                               for k, v in plans.items()))
     print(f"  mean sweeps per block: {[{k: round(v, 1) for k, v in s.items() if k != 'sequential'} for s in cal.block_sweeps]}")
-    print(f"wrote {save_calibration(cal, model_dir)}")
+    stored = merge_calibrations(load_calibration(model_dir), cal)
+    devices = [c.device for c in (stored if isinstance(stored, list) else [stored])]
+    print(f"wrote {save_calibration(stored, model_dir)} (devices: {', '.join(devices)})")
 
 
 if __name__ == "__main__":

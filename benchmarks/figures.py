@@ -52,7 +52,8 @@ def comparison_figure() -> str | None:
 
 
 def shapes_curve_figure() -> str | None:
-    """ShapesEval of the shipped shapes flow after each training run, against CPU minutes, with the targets."""
+    """ShapesEval of the shipped shapes flow after each training run, against the training images it had
+    seen (CPU runs, then a GPU one: minutes are not comparable across machines), with the targets."""
     src = os.path.join(RESULTS, "shapes_curve.json")
     if not os.path.exists(src):
         return None
@@ -63,20 +64,22 @@ def shapes_curve_figure() -> str | None:
 
     data = json.load(open(src))
     pts = data["points"]
-    minutes = [p["cpu_minutes"] for p in pts]
+    seen = [p["images"] / 1e6 for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cat in pts[0]["categories"]:
-        ax.plot(minutes, [p["categories"][cat] for p in pts], marker=".", lw=1, alpha=0.7, label=cat)
-    ax.plot(minutes, [p["overall"] for p in pts], marker="o", lw=2.5, color="black", label="overall")
+        ax.plot(seen, [p["categories"][cat] for p in pts], marker=".", lw=1, alpha=0.7, label=cat)
+    ax.plot(seen, [p["overall"] for p in pts], marker="o", lw=2.5, color="black", label="overall")
     if "balanced_arm_at_11800" in data:  # session 12's A/B: the same steps with the categories balanced
-        ax.plot([pts[-1]["cpu_minutes"]], [data["balanced_arm_at_11800"]["overall"]], marker="x", ms=9,
+        arm = next(p for p in pts if p["steps"] == 11800)
+        ax.plot([arm["images"] / 1e6], [data["balanced_arm_at_11800"]["overall"]], marker="x", ms=9,
                 color="black", ls="none", label="overall, categories balanced")
     ax.axhline(data["targets"]["overall"], ls="--", color="black", lw=1)
     ax.axhline(data["targets"]["every_category"], ls=":", color="grey", lw=1)
     for p in pts:
-        ax.annotate(f"{p['steps']} steps", (p["cpu_minutes"], p["overall"]), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=7)
-    ax.set(xlabel="CPU minutes of training (one thread)", ylabel="ShapesEval (300 test prompts, w 0.5, T 0.3)",
+        ax.annotate(f"{p['steps']} steps\n{p['machine'].split(',')[0]}", (p["images"] / 1e6, p["overall"]),
+                    textcoords="offset points", xytext=(0, -22), ha="center", fontsize=6)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images seen (millions)", ylabel="ShapesEval (300 test prompts, w 0.5, T 0.3)",
            ylim=(0, 1.02), title="Shipped shapes flow: targets 0.90 overall (dashed), 0.75 per category (dotted)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="lower right", ncol=2)

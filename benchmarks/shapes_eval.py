@@ -91,6 +91,7 @@ def main(argv=None):
         args.temperature = defaults.get("temperature", args.temperature)
     else:
         weights = [float(v) for v in args.guidance.split(",")]
+    out["temperature"] = args.temperature  # the one the runs use (the model's stored one under 'default')
     for w in weights:
         t0 = time.time()
         if w is None:

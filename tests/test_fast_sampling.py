@@ -8,7 +8,7 @@ from conftest import perturbed, tiny_config
 from starflow import STARFlow
 from starflow.flow.sampling import SAMPLERS
 from starflow.flow.selective_jacobi import (CALIBRATION_NAME, SEQUENTIAL, calibrate, default_selective,
-                                            load_calibration, resolve_plan)
+                                            load_calibration, merge_calibrations, resolve_plan)
 from test_flow_math import VARIANTS, _inputs
 
 
@@ -165,3 +165,32 @@ def test_plan_search_falls_back_when_the_combination_misses():
     assert checked[0] == ["jacobi", "jacobi", SEQUENTIAL]  # block 2 misses alone; 0 and 1 together miss
     assert best["plan"] == ["jacobi", SEQUENTIAL, SEQUENTIAL]
     assert best["error"] == pytest.approx(6e-4) and best["seconds"] == pytest.approx(2.1)
+
+
+def test_calibrations_of_several_devices_are_kept_and_auto_uses_this_devices(calibrated, tmp_path):
+    model, _, _, cal = calibrated
+    T_ = len(model.blocks)
+    # Another device's calibration, whose plans differ from this one's.
+    gpu_plans = {b: {k: {**v, "plan": ["jacobi"] * T_} for k, v in p.items()} for b, p in cal.plans.items()}
+    gpu = type(cal).from_dict({**cal.__dict__, "device": "NVIDIA H200", "plans": gpu_plans})
+    both = merge_calibrations(gpu, cal)
+    assert [c.device for c in both] == ["NVIDIA H200", "cpu"]
+    # auto takes this device's plan, whatever the order; with only the other device's, the exact sampler.
+    for stored in (both, both[::-1]):
+        assert resolve_plan("auto", T_, stored, 1, "cpu")[0] == cal.plans["1"]["auto"]["plan"]
+    assert resolve_plan("auto", T_, [gpu], 1, "cpu")[0] == [SEQUENTIAL] * T_
+    # selective / segment fall back to another device's calibration (their tolerance holds anywhere).
+    assert resolve_plan("segment", T_, gpu, 8, "cpu")[0] == ["jacobi"] * T_
+    # Re-calibrating a device replaces its entry and keeps the others.
+    newer = type(cal).from_dict({**cal.__dict__, "num_images": cal.num_images + 1})
+    merged = merge_calibrations(both, newer)
+    assert [(c.device, c.num_images) for c in merged] == [("NVIDIA H200", cal.num_images), ("cpu", cal.num_images + 1)]
+    assert merge_calibrations(cal, newer) == newer
+    # Saved with the model and loaded back as they were.
+    model.sampling_calibration = both
+    try:
+        model.save_pretrained(str(tmp_path))
+    finally:
+        model.sampling_calibration = cal
+    assert STARFlow.from_pretrained(str(tmp_path)).sampling_calibration == both
+

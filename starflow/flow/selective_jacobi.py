@@ -15,7 +15,8 @@ The calibration (``calibrate``) maps a few hundred training images to their exac
 (block, choice) pair on this device at each batch size, measures how far each choice moves the final
 samples from the sequential ones, and keeps, per batch size, plans whose end-to-end error on the
 calibration set was measured to be within the tolerance. It is saved as a small JSON file next to the
-model's weights and loaded with the model.
+model's weights and loaded with the model. Timings are the device's own, so a file may hold one calibration
+per device (``merge_calibrations``): ``auto`` uses the one measured on the device it samples on.
 """
 from __future__ import annotations
 
@@ -89,33 +90,58 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def save_calibration(cal: Calibration, directory: str) -> str:
+Calibrations = Calibration | list[Calibration]  # one per device a model was calibrated on
+
+
+def _as_list(cal: Calibrations | None) -> list[Calibration]:
+    return [] if cal is None else list(cal) if isinstance(cal, list) else [cal]
+
+
+def merge_calibrations(existing: Calibrations | None, new: Calibration) -> Calibrations:
+    """``existing`` with ``new`` in place of any calibration of the same device (the others are kept)."""
+    kept = [c for c in _as_list(existing) if c.device != new.device]
+    return kept + [new] if kept else new
+
+
+def save_calibration(cal: Calibrations, directory: str) -> str:
+    """One calibration as its own JSON object; several as ``{"calibrations": [...]}``."""
     path = os.path.join(directory, CALIBRATION_NAME)
+    cals = _as_list(cal)
+    text = cals[0].to_json() if len(cals) == 1 else \
+        json.dumps({"calibrations": [dataclasses.asdict(c) for c in cals]}, indent=1)
     with open(path, "w") as f:
-        f.write(cal.to_json())
+        f.write(text)
     return path
 
 
-def load_calibration(directory: str) -> Calibration | None:
+def load_calibration(directory: str) -> Calibrations | None:
     path = os.path.join(directory, CALIBRATION_NAME)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         try:
-            return Calibration.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError) as e:
+            d = json.load(f)
+            if "calibrations" in d:
+                return [Calibration.from_dict(c) for c in d["calibrations"]]
+            return Calibration.from_dict(d)
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
             raise ValueError(f"corrupt sampling calibration {path}: {e}") from e
 
 
-def resolve_plan(sampler: str, num_blocks: int, cal: Calibration | None, batch: int, device,
+def resolve_plan(sampler: str, num_blocks: int, cal: Calibrations | None, batch: int, device,
                  tolerance: float | None = None) -> tuple[list[str], float | None]:
     """The per-block plan (index = block index) a plan sampler uses for this batch size and device, and
-    the Jacobi threshold it was calibrated with (None: the caller's threshold applies)."""
+    the Jacobi threshold it was calibrated with (None: the caller's threshold applies). ``selective`` and
+    ``segment`` may use another device's calibration (their plans depend on errors, which do not depend on
+    the device, more than on timings); ``auto`` only this device's."""
     if sampler not in PLAN_SAMPLERS:
         raise ValueError(f"{sampler!r} is not a plan sampler ({', '.join(PLAN_SAMPLERS)})")
+    cals = _as_list(cal)
+    here = next((c for c in cals if c.device == device_name(device)), None)
+    cal = here or (cals[0] if cals else None)
     usable = cal is not None and bool(cal.plans) and (tolerance is None or tolerance >= cal.tolerance)
     if sampler == "auto":
-        if not usable or cal.device != device_name(device):
+        if not usable or here is None:
             return [SEQUENTIAL] * num_blocks, None  # nothing measured here: the exact sampler
         return list(cal.plans[cal.nearest_batch(batch)]["auto"]["plan"]), cal.threshold
     if not usable:
