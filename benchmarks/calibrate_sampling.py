@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from starflow.flow.selective_jacobi import calibrate, load_calibration, merge_calibrations, save_calibration
+from starflow.flow.selective_jacobi import (calibrate, calibration_list, load_calibration, merge_calibrations,
+                                            save_calibration)
 from starflow.io.images import dequantize
 from starflow.io.shipped import PIXEL_DIGITS_MODEL, resolve_model
 from starflow.pipeline import StarflowPipeline
@@ -80,7 +81,7 @@ def main(argv=None):
                                               for k, v in plans.items()))
     print(f"  mean sweeps per block: {[{k: round(v, 1) for k, v in s.items() if k != 'sequential'} for s in cal.block_sweeps]}")
     stored = merge_calibrations(load_calibration(model_dir), cal)
-    devices = [c.device for c in (stored if isinstance(stored, list) else [stored])]
+    devices = [c.device for c in calibration_list(stored)]
     print(f"wrote {save_calibration(stored, model_dir)} (devices: {', '.join(devices)})")
 
 

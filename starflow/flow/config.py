@@ -54,9 +54,8 @@ class FlowConfig:
     noise_std: float | None = None  # Gaussian noise on the training data (see schema.check_noise_std)
     source_prefix: bool = False   # edit models: Condition.source (the source image) prefixes the deep block
     text_positions: bool = False  # learned positions added to the text prefix (zero at init). Without them (or
-                                  # rope) only the causal mask within the prefix orders it, and which colour
-                                  # word goes with which shape is left to the text encoder's states (MiniLM
-                                  # keeps little of it)
+                                  # rope) only the causal mask within the prefix orders it; the shipped shapes
+                                  # model learned colour-shape binding that way too, given enough images
 
     def __post_init__(self):
         check_types(self)

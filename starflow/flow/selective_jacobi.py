@@ -93,20 +93,21 @@ def device_name(device) -> str:
 Calibrations = Calibration | list[Calibration]  # one per device a model was calibrated on
 
 
-def _as_list(cal: Calibrations | None) -> list[Calibration]:
+def calibration_list(cal: Calibrations | None) -> list[Calibration]:
+    """The stored calibrations as a list (none, one, or one per device)."""
     return [] if cal is None else list(cal) if isinstance(cal, list) else [cal]
 
 
 def merge_calibrations(existing: Calibrations | None, new: Calibration) -> Calibrations:
     """``existing`` with ``new`` in place of any calibration of the same device (the others are kept)."""
-    kept = [c for c in _as_list(existing) if c.device != new.device]
+    kept = [c for c in calibration_list(existing) if c.device != new.device]
     return kept + [new] if kept else new
 
 
 def save_calibration(cal: Calibrations, directory: str) -> str:
     """One calibration as its own JSON object; several as ``{"calibrations": [...]}``."""
     path = os.path.join(directory, CALIBRATION_NAME)
-    cals = _as_list(cal)
+    cals = calibration_list(cal)
     text = cals[0].to_json() if len(cals) == 1 else \
         json.dumps({"calibrations": [dataclasses.asdict(c) for c in cals]}, indent=1)
     with open(path, "w") as f:
@@ -136,7 +137,7 @@ def resolve_plan(sampler: str, num_blocks: int, cal: Calibrations | None, batch:
     the device, more than on timings); ``auto`` only this device's."""
     if sampler not in PLAN_SAMPLERS:
         raise ValueError(f"{sampler!r} is not a plan sampler ({', '.join(PLAN_SAMPLERS)})")
-    cals = _as_list(cal)
+    cals = calibration_list(cal)
     here = next((c for c in cals if c.device == device_name(device)), None)
     cal = here or (cals[0] if cals else None)
     usable = cal is not None and bool(cal.plans) and (tolerance is None or tolerance >= cal.tolerance)
