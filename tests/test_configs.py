@@ -53,4 +53,4 @@ def test_noise_std_is_saved_with_the_flow_and_old_folders_still_load(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     assert STARFlow.from_pretrained(str(tmp_path / "m")).config.noise_std is None
     # the shipped latent MNIST model records the σ it was trained with
-    assert STARFlow.from_pretrained(os.path.join(DEFAULT_DIGITS_MODEL, "model")).config.noise_std == 0.3
+    assert STARFlow.from_pretrained(os.path.join(DEFAULT_DIGITS_MODEL, "model")).config.noise_std == 0.07  # session 14 (RECIPE.md)
