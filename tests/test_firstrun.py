@@ -63,7 +63,7 @@ def test_sampling_defaults_stored_with_the_model(tmp_path):
     pipe = StarflowPipeline.from_pretrained("starflow:shapes")
     assert (pipe.sampling_defaults["guidance"], pipe.sampling_defaults["temperature"]) == (0.5, 0.3)  # best on validation prompts, benchmarks/results/shapes_eval_continued.txt
     mnist = StarflowPipeline.from_pretrained("mnist")
-    assert mnist.sampling_defaults["guidance"] == 0.1  # the measured best of the shipped model (README)
+    assert mnist.sampling_defaults["guidance"] == 0.25  # the measured best of the shipped model (README)
     # saved and reloaded; a model without an entry falls back to the library's defaults
     mnist.sampling = {"guidance": 3.0}
     mnist.save_pretrained(str(tmp_path / "m"))
@@ -78,7 +78,7 @@ def test_generate_uses_the_model_default_and_a_flag_overrides_it(tmp_path, capsy
     out = str(tmp_path / "d.png")
     assert main(["generate", "--class", "3", "-n", "1", "--out", out, "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "w=0.1," in printed and f"wrote {out}" in printed
+    assert "w=0.25," in printed and f"wrote {out}" in printed
     assert main(["generate", "--class", "3", "-n", "1", "--out", out, "--guidance", "1.5"]) == 0
     assert "w=1.5," in capsys.readouterr().out
 
