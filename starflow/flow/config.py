@@ -56,6 +56,8 @@ class FlowConfig:
     text_positions: bool = False  # learned positions added to the text prefix (zero at init). Without them (or
                                   # rope) only the causal mask within the prefix orders it; the shipped shapes
                                   # model learned colour-shape binding that way too, given enough images
+    input_spline_bins: int = 0    # > 0: a learned monotone spline per channel before block 0 (flow/input_spline.py)
+    input_spline_bound: float = 1.0  # the spline acts on [-bound, bound] (pixels: [-1, 1]); identity outside
 
     def __post_init__(self):
         check_types(self)
@@ -90,6 +92,9 @@ class FlowConfig:
             heads = w // self.head_dim
             require(self.num_kv_heads is None or (0 < self.num_kv_heads <= heads and heads % self.num_kv_heads == 0),
                    "num_kv_heads", f"must divide the {heads} attention heads of width {w}, got {self.num_kv_heads}")
+        require(self.input_spline_bins == 0 or self.input_spline_bins >= 2, "input_spline_bins",
+               f"must be 0 (no spline) or >= 2, got {self.input_spline_bins}")
+        require(self.input_spline_bound > 0, "input_spline_bound", f"must be positive, got {self.input_spline_bound}")
         require(not self.text_positions or self.cond_dim > 0, "text_positions", "needs text conditioning (cond_dim > 0)")
         require(self.learned_null or self.cond_drop_prob == 0, "learned_null",
                "condition dropout needs a learned null (set cond_drop_prob: 0 or learned_null: true)")

@@ -20,6 +20,7 @@ from starflow.data import spaces
 from starflow.flow.block import FlowBlock
 from starflow.flow.condition import Condition
 from starflow.flow.guidance import Guidance
+from starflow.flow.input_spline import InputSpline
 from starflow.flow.samplers import FlowSampler
 from starflow.flow.weights import MAX_SHARD_BYTES, load_weights, save_weights
 from starflow.io.hub import CONFIG_NAME, PretrainedMixin, atomic_write_bytes, read_config
@@ -70,6 +71,7 @@ class STARFlow(nn.Module, PretrainedMixin):
                 cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode,
                 source_prefix=deep and c.source_prefix, **switches))
         self.blocks = nn.ModuleList(blocks)
+        self.input_spline = InputSpline(c.in_channels, c.input_spline_bins, c.input_spline_bound) if c.input_spline_bins else None
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
         self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
@@ -222,8 +224,12 @@ class STARFlow(nn.Module, PretrainedMixin):
         grid = self.check_input(x)
         pos = self.positions(grid, x.device)
         cond = self.make_condition(x.shape[0], y, text, x.device, cond)
-        h = self.patchify(_at_least_fp32(x))
-        logdet = torch.zeros(x.shape[0], device=x.device)
+        x = _at_least_fp32(x)
+        if self.input_spline is not None:
+            x, logdet = self.input_spline(x)
+        else:
+            logdet = torch.zeros(x.shape[0], device=x.device)
+        h = self.patchify(x)
         for block in self.blocks:
             h, ld = block(h, cond if block.conditional else None, pos)
             logdet = logdet + ld
@@ -327,6 +333,8 @@ class STARFlow(nn.Module, PretrainedMixin):
             ctx = block.context(use, 2 * B if block_guided else B, z.device, pos)
             h = invert_block(block, h, ctx, guidance if block_guided else None, per_block[b], iterations[b])
         x = self.unpatchify(h, grid)
+        if self.input_spline is not None:
+            x = self.input_spline.inverse(x)
         stats = SamplingStats([o.sampler for o in per_block] if plan is None else list(plan), iterations)
         return (x, stats) if return_stats else x
 

@@ -127,14 +127,15 @@ def _start_from(model, path: str) -> None:
     ``model``: a fine-tune. The architectures must match field for field (the training noise and the edit
     flag aside). An edit model started from a plain STARFlow gets every weight and a zero source
     projection (``EditSTARFlow.from_base``, the paper's fine-tuning recipe); a model that adds
-    ``text_positions`` keeps its new, zero position table."""
+    ``text_positions`` keeps its new, zero position table, and one that adds an input spline its identity one."""
     from starflow.pipeline import StarflowPipeline  # lazy: only the components a recipe uses are imported
 
     start = StarflowPipeline.from_pretrained(path).model
     ours, theirs = asdict(model.config), asdict(start.config)
     differ = [k for k in sorted(set(ours) | set(theirs))
               if k not in ("noise_std", "source_prefix") and ours.get(k) != theirs.get(k)
-              and not (k == "text_positions" and ours[k] and not theirs.get(k))]
+              and not (k == "text_positions" and ours[k] and not theirs.get(k))
+              and not (k.startswith("input_spline") and ours["input_spline_bins"] and not theirs.get("input_spline_bins"))]
     if differ:
         listing = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])
         raise ConfigError(f"train.init_from: the model in {path} does not match the recipe's model ({listing})")
@@ -144,6 +145,6 @@ def _start_from(model, path: str) -> None:
                               f"{model.model_type!r}")
         start = type(model).from_base(start)
     missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-    new = [k for k in missing if not k.endswith("condition.text_pos")]
+    new = [k for k in missing if not k.endswith("condition.text_pos") and not k.startswith("input_spline.")]
     if new or unexpected:
         raise ConfigError(f"train.init_from: {path} has no weights for {new} and weights nothing here reads: {unexpected}")

@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 64              # the global batch: split over ranks and accumulation micro-steps
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    input_spline_lr_mult: float = 30.0  # the input spline's few logits learn at this multiple of lr, no weight decay
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
@@ -76,6 +77,7 @@ class TrainConfig:
         require(0 <= self.seed < 2**31, "seed", f"must be in [0, 2**31), got {self.seed}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(self.input_spline_lr_mult > 0, "input_spline_lr_mult", f"must be positive, got {self.input_spline_lr_mult}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip > 0, "grad_clip", f"must be positive, got {self.grad_clip}")

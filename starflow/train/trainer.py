@@ -62,6 +62,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One AdamW group, or two when the model has an input spline: its handful of bin logits must move by
+    units in a few hundred steps, so they get ``input_spline_lr_mult`` times the schedule's lr and no weight
+    decay (which would pull them back to the identity)."""
+    spline = [p for n, p in model.named_parameters() if n.startswith("input_spline.")]
+    if not spline:
+        return [{"params": list(model.parameters())}]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("input_spline.")]
+    return [{"params": rest}, {"params": spline, "lr_mult": cfg.input_spline_lr_mult, "weight_decay": 0.0}]
+
+
 class TrainingInterrupted(Exception):
     """Raised by ``Trainer.train`` after a SIGTERM/SIGINT, once the checkpoint of the step reached is saved."""
 
@@ -117,7 +128,7 @@ class Trainer(BatchMixin, ExportMixin):
                                        cfg.ddp_find_unused_parameters)
         if self.sharded:
             dist_utils.shard_fully(self.ema.module, self.dist, self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
         self.lr_scale = 1.0  # lowered after a rollback
         # A bucketed dataset plans its own batches (one aspect ratio each); others are shuffled whole.
@@ -242,7 +253,7 @@ class Trainer(BatchMixin, ExportMixin):
         if self.dist.rank:  # randomness a model draws itself must differ between ranks
             torch.manual_seed(_rank_seed(seed, self.dist.rank))
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr * lr_factor(step, self.cfg) * self.lr_scale
+            group["lr"] = self.cfg.lr * group.get("lr_mult", 1.0) * lr_factor(step, self.cfg) * self.lr_scale
         self.wrapped.train()
         self.opt.zero_grad(set_to_none=True)
         A = len(micro)
