@@ -27,6 +27,7 @@ SWITCHES = {
     "official-text": dict(OFFICIAL, cond_dim=12, width=64, head_dim=32, learned_null=False, cond_drop_prob=0.0,
                           text_padding="attend", max_text_tokens=6),
     "official-class-learned-null": dict(OFFICIAL, num_classes=3, num_kv_heads=1, mlp="swiglu", deep_width=48),
+    "input-spline": dict(input_spline_bins=6, input_spline_bound=2.0, num_classes=3),
 }
 
 
@@ -126,7 +127,8 @@ def test_switch_config_errors():
     for bad, field in [(dict(positions="sinusoid"), "positions"), (dict(scale="sigmoid"), "scale"),
                        (dict(num_kv_heads=3), "num_kv_heads"), (dict(deep_width=40), "deep_width"),
                        (dict(positions="rope", cond_dim=4, head_dim=8), "head_dim"), (dict(mlp="relu"), "mlp"),
-                       (dict(seq_order="T2B"), "seq_order"), (dict(soft_clip=-1.0), "soft_clip")]:
+                       (dict(seq_order="T2B"), "seq_order"), (dict(soft_clip=-1.0), "soft_clip"),
+                       (dict(input_spline_bins=1), "input_spline_bins"), (dict(input_spline_bound=0.0), "input_spline_bound")]:
         with pytest.raises(ConfigError, match=field):
             tiny_config(**bad)
     with pytest.raises(ConfigError, match="learned_null"):
