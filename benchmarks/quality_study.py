@@ -68,6 +68,7 @@ STUDIES = {
         "width256": {"model.width": 256, "model.head_dim": 64, "train.steps": 320},    # 6.4 M parameters
         "patch2": {"model.patch_size": 2, "train.steps": 230},                          # 196 tokens of 4 dims
         "blocks8": {"model.num_blocks": 8, "train.steps": 720},                          # 7 shallow blocks
+        "spline": {"model.input_spline_bins": 32, "train.steps": 1150},                   # + input spline (same speed)
     }, common={"train.shift_augment": 1, "train.ema_decay": 0.995}, metrics="nll"),
 }
 
@@ -236,7 +237,8 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"study": a.study, "base": study.base, "common": study.common, "steps": a.steps, "num_samples": a.num_samples,
                        "fp32_matmul_peak_flops": a.peak or None, "arms": records}, f, indent=1)
-    plot(a.study, a.runs_dir, names, os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"), a.device)
+    # every arm of the study trained in runs_dir so far, not only this invocation's
+    plot(a.study, a.runs_dir, list(study.arms), os.path.join(ROOT, "docs", "images", f"quality_study_{a.study}.png"), a.device)
     cols = ["arm", "steps", "cpu_minutes" if a.device == "cpu" else "device_minutes", "nats_per_dim", "bits_per_dim",
             "acc_unguided", f"acc_w{a.guidance:g}", "fd", "fd_real", "precision", "recall"]
     print(" | ".join(cols))

@@ -177,7 +177,7 @@ BAD = {
     "scene_categories": ["position", 3, ["position"]],  # a list, and only for the shapes dataset
     "autoencoder": ["", 5], "decoder": ["", 7], "text_encoder": ["", 1], "out_dir": ["", None],
     "steps": [0, 1.5, "10", True], "batch_size": [0, -1, 8.0], "lr": [0, -1e-3, "fast", float("nan"), float("inf")],
-    "weight_decay": [-0.1, "x"], "betas": [(0.9,), (0.9, 1.0), "0.9,0.95", (0.9, "a")], "warmup_steps": [-1, 0.5],
+    "weight_decay": [-0.1, "x"], "input_spline_lr_mult": [0.0, -1.0], "betas": [(0.9,), (0.9, 1.0), "0.9,0.95", (0.9, "a")], "warmup_steps": [-1, 0.5],
     "min_lr_ratio": [-0.1, 1.5], "grad_clip": [0, -1, None], "ema_decay": [1.0, -0.5], "ema_warmup": ["yes", 1], "noise_std": [-0.1, "n"], "shift_augment": [-1, 5, 1.5],
     "seed": [-1, 2**40, 0.5], "log_every": [0], "ckpt_every": [0, -3], "sample_every": [0], "keep_last": [0],
     "num_workers": [-1, 1.5], "precision": ["fp16", "", 16], "device": ["gpu", "", 0],

@@ -68,9 +68,13 @@ class InputSpline(nn.Module):
 
         return MonotonicRQSTransform(param(self.widths), param(self.heights), param(self.derivatives), bound=self.bound, slope=SLOPE)
 
+    def elementwise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data x [B, C, H, W] -> (the flow's input, log|dy/dx| of every element, same shape)."""
+        return self._transform(x.dtype).call_and_ladj(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data x [B, C, H, W] -> (the flow's input, log|det| per example [B])."""
-        y, ladj = self._transform(x.dtype).call_and_ladj(x)
+        y, ladj = self.elementwise(x)
         return y, ladj.flatten(1).sum(1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
