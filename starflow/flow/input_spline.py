@@ -66,7 +66,8 @@ class InputSpline(nn.Module):
         def param(p):
             return p.to(dtype)[:, None, None, :]
 
-        return MonotonicRQSTransform(param(self.widths), param(self.heights), param(self.derivatives), bound=self.bound, slope=SLOPE)
+        return MonotonicRQSTransform(param(self.widths), param(self.heights), param(self.derivatives),
+                                     bound=self.bound, slope=SLOPE)
 
     def elementwise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data x [B, C, H, W] -> (the flow's input, log|dy/dx| of every element, same shape)."""

@@ -71,7 +71,8 @@ class STARFlow(nn.Module, PretrainedMixin):
                 cond_dim=c.cond_dim if conditional else 0, cond_mode=c.cond_mode,
                 source_prefix=deep and c.source_prefix, **switches))
         self.blocks = nn.ModuleList(blocks)
-        self.input_spline = InputSpline(c.in_channels, c.input_spline_bins, c.input_spline_bound) if c.input_spline_bins else None
+        self.input_spline = (InputSpline(c.in_channels, c.input_spline_bins, c.input_spline_bound)
+                             if c.input_spline_bins else None)  # data -> the first block's input
         # Per-dimension prior variance used when *sampling* (the official TARFlow code keeps a running
         # estimate of E[z^2] here); likelihoods always use the standard normal prior, as they do there.
         self.register_buffer("prior_var", torch.ones(c.num_tokens, c.token_dim))
