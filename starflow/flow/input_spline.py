@@ -13,8 +13,8 @@ it is the identity.
 The knots start finest at the two ends, where 8-bit data piles up (black background, saturated strokes):
 quarter steps of one 8-bit level (bound / 128) inside the end levels, then doubling widths inward, uniform in
 the middle. Gradient descent does not move knots from a uniform grid into a box 1/256 of the range wide:
-fitting U[-1, -1 + 1/128] (tests/test_input_spline.py), 600 Adam steps left a uniform 16- or 32-bin grid at
-the best Gaussian's cost, where this grid gains 0.11 nats.
+on the box U[-1, -1 + 1/128] of tests/test_input_spline.py, 600 Adam steps left a uniform 16- or 32-bin grid
+at the best Gaussian's cost, where this grid gains 0.11 nats.
 """
 from __future__ import annotations
 
