@@ -318,6 +318,14 @@ def test_cli_encode_decode_nll(saved_pixel, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(back)), arr)
     assert main(["nll", saved_pixel, "--image", img]) == 0
     assert "bits/dim" in capsys.readouterr().out
+    bits_png = str(tmp_path / "bits.png")  # where the bits go: a map whose mean is the image's bits/dim
+    assert main(["nll", saved_pixel, "--image", img, "--bits-map", bits_png]) == 0
+    out = capsys.readouterr().out
+    total = float(out.split(": ")[1].split()[0])
+    assert float(out.rsplit("mean ", 1)[1]) == pytest.approx(total, abs=1e-3)
+    assert Image.open(bits_png).size[0] > 8
+    assert main(["nll", saved_pixel, "--bits-map", bits_png]) == 2
+    assert "--image" in capsys.readouterr().err
     # bad input
     assert main(["decode", "--noise", str(tmp_path / "missing.safetensors"), "--out", back]) == 2
     assert "not found" in capsys.readouterr().err

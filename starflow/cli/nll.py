@@ -15,6 +15,8 @@ def add_parser(sub, name):
     p.add_argument("--out", help="also write the per-image figures' summary (mean, CI, quantiles) as JSON here")
     p.add_argument("--image", help="one image file: print its exact bits/dim (pixel models) or nats/dim of its "
                                    "latents (latent models), under the null condition (an out-of-distribution score)")
+    p.add_argument("--bits-map", help="with --image (pixel models): also write where its bits go, a PNG of each "
+                                      "pixel's bits (white = the most), enlarged")
     add_device_arg(p)
     add_threads_arg(p)
     return p
@@ -30,6 +32,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
+    if args.bits_map and not args.image:
+        raise ValueError("--bits-map maps one image: give it with --image")
     if args.image:
         return _one_image(args, device)
     model = load_pretrained(model_spec(args) or "mnist", map_location=device)
@@ -75,9 +79,19 @@ def _one_image(args, device) -> int:
     from starflow.pipeline import StarflowPipeline  # lazy: sub-command help must not import torch
 
     pipe = StarflowPipeline.from_pretrained(model_spec(args) or "mnist", device=device)
+    if args.bits_map and pipe.autoencoder is not None:
+        raise ValueError("--bits-map needs a pixel-space model; a latent model's dimensions are latents, not pixels")
     C, H, _ = pipe.image_shape
     with E.notes():
         image = E.load_image(args.image, C, H)
     value, unit = E.image_nll(pipe, image, generator=torch.Generator(device).manual_seed(args.seed))
     print(f"{args.image}: {value[0].item():.4f} {unit}")
+    if args.bits_map:
+        from starflow.io.images import auto_scale, make_grid, save_pil  # lazy: sub-command help must not import torch
+
+        bits = E.image_bits_map(pipe, image, generator=torch.Generator(device).manual_seed(args.seed))[0]
+        gray = (bits.clamp_min(0) / bits.max().clamp_min(1e-6) * 255).round().to(torch.uint8)
+        save_pil(make_grid(gray[None], pad=0, scale=auto_scale(*gray.shape[-2:])), args.bits_map)
+        print(f"wrote {args.bits_map}: {bits.min().item():.2f} to {bits.max().item():.2f} bits per pixel (black: 0 or "
+              f"less, white: the most), mean {bits.mean().item():.4f}")
     return 0

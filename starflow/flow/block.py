@@ -213,13 +213,15 @@ class FlowBlock(nn.Module):
             return out[:, P - 1:P - 1 + x_perm.shape[1]]
         return torch.cat([self.zero_output(B, x_perm.device), out[:, :-1]], dim=1)
 
-    def forward(self, x: torch.Tensor, cond: Condition | None = None, pos: torch.Tensor | None = None):
-        """x [B, L, D] in canonical token order -> (z [B, L, D] canonical order, logdet [B])."""
+    def forward(self, x: torch.Tensor, cond: Condition | None = None, pos: torch.Tensor | None = None,
+                per_dim: bool = False):
+        """x [B, L, D] in canonical token order -> (z [B, L, D] canonical order, logdet [B]; with
+        ``per_dim``, each dimension's log|dz/dx| [B, L, D] instead)."""
         ctx = self.context(cond, x.shape[0], x.device, pos)
         x_perm = x[:, ctx.perm]
         mu, alpha = self.split(self.predict(x_perm, ctx))
         z = (x_perm - mu) * torch.exp(-alpha)
-        return z[:, ctx.inv_perm], -alpha.sum(dim=(1, 2))
+        return z[:, ctx.inv_perm], -alpha[:, ctx.inv_perm] if per_dim else -alpha.sum(dim=(1, 2))
 
     # ---- sampling: incremental decoding with a key/value cache -----------------------------
     def new_caches(self, ctx: Context) -> list[KVCache]:

@@ -222,24 +222,36 @@ class STARFlow(nn.Module, PretrainedMixin):
     # ---- data -> noise -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None):
         """Images x [B, C, H, W] -> (noise z of the same shape, log|det dz/dx| per example [B])."""
+        return self._to_noise(x, y, text, cond, per_dim=False)
+
+    def _to_noise(self, x: torch.Tensor, y, text, cond: Condition | None, per_dim: bool):
         grid = self.check_input(x)
         pos = self.positions(grid, x.device)
         cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         x = _at_least_fp32(x)
         if self.input_spline is not None:
-            x, logdet = self.input_spline(x)
+            x, ld = self.input_spline.elementwise(x)
         else:
-            logdet = torch.zeros(x.shape[0], device=x.device)
+            ld = torch.zeros_like(x)
+        logdet = self.patchify(ld) if per_dim else ld.flatten(1).sum(1)
         h = self.patchify(x)
         for block in self.blocks:
-            h, ld = block(h, cond if block.conditional else None, pos)
-            logdet = logdet + ld
-        return self.unpatchify(h, grid), logdet
+            h, block_ld = block(h, cond if block.conditional else None, pos, per_dim=per_dim)
+            logdet = logdet + block_ld
+        return self.unpatchify(h, grid), self.unpatchify(logdet, grid) if per_dim else logdet
+
+    def nll_map(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
+        """Where the bits go: the NLL of x [B, C, H, W] split over its dimensions (nats, same shape). Each
+        dimension gets its prior term and every step's log-scale at its position (and the input spline's
+        slope there); the map sums to -log p(x). For 8-bit images, ``spaces.bits_per_dim(map)`` gives bits
+        per pixel in the units of bits/dim."""
+        z, logdet = self._to_noise(x, y, text, cond, per_dim=True)
+        return 0.5 * _at_least_fp32(z).pow(2) + 0.5 * LOG_2PI - logdet
 
     def log_prob(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """Exact log-density log p(x) in nats, per example."""
         z, logdet = self.forward(x, y, text, cond)
-        return -0.5 * z.float().pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
+        return -0.5 * _at_least_fp32(z).pow(2).flatten(1).sum(1) - 0.5 * x[0].numel() * LOG_2PI + logdet
 
     def nll(self, x: torch.Tensor, y=None, text=None, cond: Condition | None = None) -> torch.Tensor:
         """Negative log-likelihood in nats per dimension, per example.

@@ -240,6 +240,19 @@ def image_nll(pipe, images: torch.Tensor, y=None, prompt=None, samples: int = 1,
     return (total / samples).float(), "bits/dim"
 
 
+def image_bits_map(pipe, images: torch.Tensor, y=None, prompt=None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where an image's bits go: ``STARFlow.nll_map`` of the dequantised 8-bit images in bits, [B, C, H, W]
+    (its mean over an image is that image's bits/dim). Pixel models only."""
+    pipe = as_pipeline(pipe)
+    if pipe.autoencoder is not None:
+        raise ValueError("a bits map needs a pixel-space model; a latent model's dimensions are latents, not pixels")
+    images = check_images(pipe, images).to(pipe.device)
+    labels, text = condition_args(pipe, images.shape[0], y, prompt)
+    with torch.no_grad():
+        return bits_per_dim(_flow(pipe).nll_map(dequantize(images, generator=generator), labels, text)).cpu()
+
+
 # ---------------------------------------------------------------------------------------------------
 # noise files
 # ---------------------------------------------------------------------------------------------------
