@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -74,6 +75,8 @@ def main():
     ap.add_argument("--grids", default="uniform,edges")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--figure", default=None, help="draw test digits and their bits maps (PNG) here")
+    ap.add_argument("--baseline", default=None, help="with --figure: a second model's maps in a row below")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,6 +102,40 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    if args.figure:
+        rows = [(args.model, model)]
+        if args.baseline:
+            base = resolve_model(args.baseline)
+            rows.append((args.baseline, STARFlow.from_pretrained(base if base.endswith("model") else f"{base}/model").float().eval()))
+        figure(rows, test[::50][:10], args.figure)  # one digit of each class (the split is sorted by class)
+
+
+def figure(rows, images: torch.Tensor, path: str) -> None:
+    """Test digits over each model's bits map, one colour scale for all maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = spaces.dequantize(images, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = [(name, spaces.bits_per_dim(m.nll_map(x))[:, 0]) for name, m in rows]
+    vmax = max(float(torch.quantile(b.flatten(), 0.995)) for _, b in maps)  # a few pixels reach 50 bits
+    fig, axes = plt.subplots(1 + len(maps), len(images), figsize=(1.3 * len(images), 1.45 * (1 + len(maps))))
+    for j in range(len(images)):
+        axes[0, j].imshow(images[j, 0], cmap="gray")
+        for i, (name, bits) in enumerate(maps, start=1):
+            im = axes[i, j].imshow(bits[j].clamp(0, vmax), cmap="magma", vmin=0, vmax=vmax)
+            axes[i, j].set_title(f"{bits[j].mean():.2f}", fontsize=7)
+        for a in axes[:, j]:
+            a.set_xticks([])
+            a.set_yticks([])
+    for i, (name, _) in enumerate(maps, start=1):
+        axes[i, 0].set_ylabel(("--model\n" if i == 1 else "--baseline\n") + os.path.basename(name.rstrip("/"))[:24], fontsize=6)
+    fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label=f"bits per pixel (clipped at {vmax:.0f})")
+    fig.suptitle("where the bits go: per-pixel NLL of test digits (title: the image's bits/dim)", fontsize=8)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
