@@ -165,3 +165,25 @@ def test_validate_report_catches_schema_violations():
         validate_report({**good, "metrics": {"fd": {"status": "ok", "value": 1.0}}})
     with pytest.raises(ValueError, match="lacks 'seed'"):
         validate_report({k: v for k, v in good.items() if k != "seed"})
+
+
+def test_eval_samples_at_the_models_stored_settings_unless_told(monkeypatch, tmp_path, mnist_train, capsys):
+    """`starflow eval` scores what `starflow generate` draws: the model's stored sampling settings, each
+    overridable with --sample-arg."""
+    model = RealDigitsModel(mnist_train)
+    seen = []
+    model.sampling = {"temperature": 0.5}
+
+    def sample(n, y=None, generator=None, temperature=1.0):
+        seen.append(temperature)
+        return RealDigitsModel.sample(model, n, y, generator)
+
+    model.sample = sample
+    out = tmp_path / "r.json"
+    args = ["m", "--metrics", "acc", "--num-samples", "20", "--quiet", "--out", str(out)]
+    assert _run_cli(monkeypatch, model, args) == 0
+    assert set(seen) == {0.5} and json.loads(out.read_text())["sample_kwargs"] == {"temperature": 0.5}
+    assert "sampled with temperature=0.5" in capsys.readouterr().out
+    seen.clear()
+    assert _run_cli(monkeypatch, model, args + ["--sample-arg", "temperature=1.0"]) == 0
+    assert set(seen) == {1.0} and json.loads(out.read_text())["sample_kwargs"] == {"temperature": 1.0}

@@ -67,7 +67,9 @@ def add_parser(subparsers, name: str = "eval") -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the real-images baseline rows")
     p.add_argument("--nll-max", type=int, default=None, help="score a seeded random subset of N split images for NLL (default: all)")
     p.add_argument("--sample-arg", action="append", type=_sample_arg, default=[], metavar="KEY=VALUE",
-                   help="extra keyword for model.sample (JSON value), e.g. --sample-arg guidance=1.5; repeatable")
+                   help="keyword for model.sample (JSON value), e.g. --sample-arg guidance=1.5; repeatable. Samples "
+                        "are drawn at the model's stored settings (model_index.json \"sampling\", as starflow "
+                        "generate draws them) where these do not say otherwise: --sample-arg guidance=0 is unguided")
     p.add_argument("--quiet", action="store_true", help="print only the table")
     add_decoding_args(p)
     add_device_arg(p)
@@ -112,16 +114,20 @@ def run(args) -> int:
 
     cache_dir = args.cache_dir or default_cache_dir()
     cached_before = _cache_files(cache_dir)
-    _check_sample_args(model, dict(args.sample_arg))
+    # the model's own sampling settings, as `starflow generate` uses them, under the user's --sample-arg
+    sample_kwargs = {**(getattr(model, "sampling", None) or {}), **dict(args.sample_arg)}
+    _check_sample_args(model, sample_kwargs)
     log = None if args.quiet else (lambda msg: print(msg, flush=True))
     report = evaluate_model(
         model, metrics, dataset=args.dataset, num_samples=args.num_samples, ref_split=args.ref_split,
         seed=args.seed, batch_size=args.batch_size, image_size=args.feature_size, cache_dir=cache_dir,
         inception_weights=args.inception_weights, baseline=not args.no_baseline,
-        sample_kwargs=dict(args.sample_arg), checkpoint=spec, nll_max=args.nll_max, log=log,
+        sample_kwargs=sample_kwargs, checkpoint=spec, nll_max=args.nll_max, log=log,
     )
     validate_report(report)
     print(format_table(report))
+    if sample_kwargs and any(k in report["metrics"] for k in ("fd", "fid", "pr", "acc")):
+        print("sampled with " + ", ".join(f"{k}={v}" for k, v in sample_kwargs.items()))
     for w in report["warnings"]:
         print(f"note: {w}")
     new = _cache_files(cache_dir) - cached_before
