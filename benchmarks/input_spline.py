@@ -20,9 +20,14 @@ import torch.nn.functional as F
 
 from starflow.data import spaces
 from starflow.data.digits import load_mnist_subset
+from starflow.evaluation.likelihood import evaluate_nll
 from starflow.flow.input_spline import InputSpline
-from starflow.flow.model import STARFlow
-from starflow.io.shipped import resolve_model
+from starflow.pipeline import StarflowPipeline
+
+
+def load_flow(spec: str):
+    """The flow of a shipped name or a pipeline / model folder, float32, in eval mode."""
+    return StarflowPipeline.from_pretrained(spec).model.float().eval()
 
 
 def breakdown(model, images: torch.Tensor, seed: int = 0) -> dict:
@@ -42,12 +47,11 @@ def breakdown(model, images: torch.Tensor, seed: int = 0) -> dict:
 
 def test_bpd(model, images: torch.Tensor) -> float:
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return torch.cat([model.bits_per_dim(images[i:i + 100], generator=g) for i in range(0, len(images), 100)]).mean().item()
+    return evaluate_nll(lambda x, y: model.bits_per_dim(x, generator=g), images, unit="bits/dim")["mean"]
 
 
-def spline_only(path: str, grid: str, bins: int, steps: int, lr: float, train, test) -> dict:
-    model = STARFlow.from_pretrained(path).float()
+def spline_only(spec: str, grid: str, bins: int, steps: int, lr: float, train, test) -> dict:
+    model = load_flow(spec)
     model.requires_grad_(False)
     model.input_spline = InputSpline(model.config.in_channels, bins)
     if grid == "uniform":
@@ -80,11 +84,9 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
-    path = path if path.endswith("model") else f"{path}/model"
     train = torch.from_numpy(load_mnist_subset("train")[0])[:, None]
     test = torch.from_numpy(load_mnist_subset("test")[0])[:, None]
-    model = STARFlow.from_pretrained(path).float().eval()
+    model = load_flow(args.model)
     result = {"model": args.model, "test_bits_per_dim": test_bpd(model, test), "breakdown": breakdown(model, test[:200])}
     print(f"{args.model}: test {result['test_bits_per_dim']:.4f} bits/dim; per pixel (first 200 test digits):")
     for k, v in result["breakdown"].items():
@@ -94,7 +96,7 @@ def main():
     if model.input_spline is None:
         result["spline_only"] = []
         for grid in args.grids.split(","):
-            r = spline_only(path, grid, args.bins, args.steps, args.lr, train, test)
+            r = spline_only(args.model, grid, args.bins, args.steps, args.lr, train, test)
             result["spline_only"].append(r)
             print(f"flow frozen + {grid} {args.bins}-bin spline, {args.steps} Adam steps (lr {args.lr}, "
                   f"{r['seconds']:.0f} s): test {r['test_bits_per_dim']:.4f} bits/dim; black pixels far from ink "
@@ -105,8 +107,7 @@ def main():
     if args.figure:
         rows = [(args.model, model)]
         if args.baseline:
-            base = resolve_model(args.baseline)
-            rows.append((args.baseline, STARFlow.from_pretrained(base if base.endswith("model") else f"{base}/model").float().eval()))
+            rows.append((args.baseline, load_flow(args.baseline)))
         figure(rows, test[::50][:10], args.figure)  # one digit of each class (the split is sorted by class)
 
 

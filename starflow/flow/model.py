@@ -229,11 +229,12 @@ class STARFlow(nn.Module, PretrainedMixin):
         pos = self.positions(grid, x.device)
         cond = self.make_condition(x.shape[0], y, text, x.device, cond)
         x = _at_least_fp32(x)
+        logdet = x.new_zeros(x.shape if per_dim else x.shape[:1])
         if self.input_spline is not None:
             x, ld = self.input_spline.elementwise(x)
-        else:
-            ld = torch.zeros_like(x)
-        logdet = self.patchify(ld) if per_dim else ld.flatten(1).sum(1)
+            logdet = logdet + (ld if per_dim else ld.flatten(1).sum(1))
+        if per_dim:
+            logdet = self.patchify(logdet)
         h = self.patchify(x)
         for block in self.blocks:
             h, block_ld = block(h, cond if block.conditional else None, pos, per_dim=per_dim)
