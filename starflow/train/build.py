@@ -7,7 +7,7 @@ Edit data (``shapes-edit``) adds the source image of every example: put in the m
 ``starflow edit`` loads."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -122,20 +122,37 @@ def _edit_sources(base, model, autoencoder, tcfg) -> torch.Tensor | None:
                          "train").latents
 
 
+@dataclass(frozen=True)
+class AddableSwitch:
+    """A model switch a fine-tune may turn on (``train.init_from`` a model without it): its weights start
+    as the identity, so the started-from model's function is kept at step 0."""
+    switch: str  # the config field that turns it on
+    fields: tuple[str, ...]  # other config fields it governs, free to differ when it is added
+    weights: str  # the names of its weights contain this
+
+    def owns(self, key: str) -> bool:
+        return self.weights in key
+
+
+ADDABLE_SWITCHES = (
+    AddableSwitch("text_positions", (), "condition.text_pos"),  # a zero position table
+    AddableSwitch("input_spline_bins", ("input_spline_bound",), "input_spline."),  # knots on the diagonal
+)
+
+
 def _start_from(model, path: str) -> None:
     """Load the weights of the model saved in ``path`` (a model or pipeline folder, or a shipped name) into
     ``model``: a fine-tune. The architectures must match field for field (the training noise and the edit
     flag aside). An edit model started from a plain STARFlow gets every weight and a zero source
-    projection (``EditSTARFlow.from_base``, the paper's fine-tuning recipe); a model that adds
-    ``text_positions`` keeps its new, zero position table, and one that adds an input spline its identity one."""
+    projection (``EditSTARFlow.from_base``, the paper's fine-tuning recipe); a switch in ``ADDABLE_SWITCHES``
+    that the recipe turns on and the start lacks keeps its new weights, which start as the identity."""
     from starflow.pipeline import StarflowPipeline  # lazy: only the components a recipe uses are imported
 
     start = StarflowPipeline.from_pretrained(path).model
     ours, theirs = asdict(model.config), asdict(start.config)
-    differ = [k for k in sorted(set(ours) | set(theirs))
-              if k not in ("noise_std", "source_prefix") and ours.get(k) != theirs.get(k)
-              and not (k == "text_positions" and ours[k] and not theirs.get(k))
-              and not (k.startswith("input_spline") and ours["input_spline_bins"] and not theirs.get("input_spline_bins"))]
+    added = [a for a in ADDABLE_SWITCHES if ours.get(a.switch) and not theirs.get(a.switch)]
+    free = {"noise_std", "source_prefix"} | {f for a in added for f in (a.switch, *a.fields)}
+    differ = [k for k in sorted(set(ours) | set(theirs)) if k not in free and ours.get(k) != theirs.get(k)]
     if differ:
         listing = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:6])
         raise ConfigError(f"train.init_from: the model in {path} does not match the recipe's model ({listing})")
@@ -145,6 +162,6 @@ def _start_from(model, path: str) -> None:
                               f"{model.model_type!r}")
         start = type(model).from_base(start)
     missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
-    new = [k for k in missing if not k.endswith("condition.text_pos") and not k.startswith("input_spline.")]
+    new = [k for k in missing if not any(a.owns(k) for a in added)]
     if new or unexpected:
         raise ConfigError(f"train.init_from: {path} has no weights for {new} and weights nothing here reads: {unexpected}")
