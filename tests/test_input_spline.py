@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 from starflow import STARFlow, TrainConfig
 from starflow.data import DigitsDataset
+from starflow.errors import ConfigError
 from starflow.flow.input_spline import InputSpline
 from starflow.train.build import _start_from
 from starflow.train.trainer import Trainer
@@ -74,3 +75,16 @@ def test_init_from_adds_an_identity_spline_that_trains_in_its_own_group(tmp_path
     assert spline["weight_decay"] == 0.0 and rest["weight_decay"] == cfg.weight_decay
     assert spline["lr"] == pytest.approx(20.0 * rest["lr"])
     assert not torch.equal(model.input_spline.widths, start)  # it trained
+
+
+def test_init_from_keeps_a_spline_it_starts_with_and_rejects_changing_it(tmp_path):
+    """Only *adding* a spline frees its fields; a start that has one must match it, and removing it is an error."""
+    torch.manual_seed(0)
+    STARFlow(tiny_config(input_spline_bins=8)).save_pretrained(str(tmp_path / "spline8"))
+    for changed in (dict(input_spline_bins=16), dict(input_spline_bins=8, input_spline_bound=2.0), {}):
+        with pytest.raises(ConfigError, match="input_spline"):
+            _start_from(STARFlow(tiny_config(**changed)), str(tmp_path / "spline8"))
+    same = STARFlow(tiny_config(input_spline_bins=8))
+    _start_from(same, str(tmp_path / "spline8"))
+    start = STARFlow.from_pretrained(str(tmp_path / "spline8"))
+    torch.testing.assert_close(same.input_spline.widths, start.input_spline.widths, rtol=0, atol=0)
