@@ -57,8 +57,8 @@ def test_decoder_swap_keeps_the_latent_space_or_refuses():
     pipe = StarflowPipeline.from_pretrained("mnist", decoder="mnist_ft", denoise="decoder")
     assert pipe.denoise == "decoder" and pipe.autoencoder.decoder_noise_sigma == 0.3  # the σ = 0.3 decoder
     shipped = StarflowPipeline.from_pretrained("mnist")
-    # a clean decoder: trained on clean latents (train-autoencoder --align-to), so no fine-tuning σ recorded
-    assert shipped.denoise == "tweedie" and shipped.autoencoder.decoder_noise_sigma is None
+    # a clean decoder: trained on clean latents (train-autoencoder --align-to, then finetune-decoder --sigma 0)
+    assert shipped.denoise == "tweedie" and not shipped.autoencoder.decoder_noise_sigma
     x = torch.zeros(1, 4, 7, 7)
     assert not torch.equal(pipe.autoencoder.decode(x), shipped.autoencoder.decode(x))
     with pytest.raises(ConfigError, match="latent space"):
