@@ -23,6 +23,7 @@ from starflow.data.digits import load_mnist_subset
 from starflow.evaluation.likelihood import evaluate_nll
 from starflow.flow.input_spline import InputSpline
 from starflow.pipeline import StarflowPipeline
+from starflow.tasks.encode import image_bits_map
 
 
 def load_flow(spec: str):
@@ -31,9 +32,7 @@ def load_flow(spec: str):
 
 
 def breakdown(model, images: torch.Tensor, seed: int = 0) -> dict:
-    x = spaces.dequantize(images, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        bits = spaces.bits_per_dim(model.nll_map(x))  # its mean is the bits/dim
+    bits = image_bits_map(model, images, generator=torch.Generator().manual_seed(seed))  # its mean is the bits/dim
     v = images.float()
     near_stroke = F.max_pool2d((v > 0).float(), 7, 1, 3) > 0  # within 3 pixels of any ink
     groups = {"black, >3 px from ink": (v == 0) & ~near_stroke, "black, near ink": (v == 0) & near_stroke,
@@ -118,9 +117,7 @@ def figure(rows, images: torch.Tensor, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = spaces.dequantize(images, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        maps = [(name, spaces.bits_per_dim(m.nll_map(x))[:, 0]) for name, m in rows]
+    maps = [(name, image_bits_map(m, images, generator=torch.Generator().manual_seed(0))[:, 0]) for name, m in rows]
     vmax = max(float(torch.quantile(b.flatten(), 0.995)) for _, b in maps)  # a few pixels reach 50 bits
     fig, axes = plt.subplots(1 + len(maps), len(images), figsize=(1.3 * len(images), 1.45 * (1 + len(maps))))
     for j in range(len(images)):
